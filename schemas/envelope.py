@@ -1,0 +1,155 @@
+"""The envelope every message on every topic is wrapped in."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
+
+from schemas.events import EVENT_TYPES, Event
+from schemas.primitives import OrderId
+
+# Namespace for deterministic event ids: re-handling the same cause yields the same id,
+# so a consumer that deduplicates on `event_id` sees one event, however often it is produced.
+EVENT_ID_NAMESPACE = uuid.UUID("6f1c8a52-3c4e-4b8e-9a0e-2d7f5b1c9e44")
+
+
+class Source(StrEnum):
+    CLIENT = "client"
+    INVENTORY = "inventory"
+    PAYMENT = "payment"
+    APPROVAL = "approval"
+    SHIPPING = "shipping"
+    MONITOR = "monitor"
+
+
+class ContractError(ValueError):
+    """A message that does not satisfy the contract; `reason` says which field and why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: uuid.UUID = Field(description="Unique per event; consumers deduplicate on it.")
+    type: str = Field(description="Past-tense PascalCase event name; selects the schema of `data`.")
+    order_id: OrderId
+    occurred_at: AwareDatetime = Field(description="RFC 3339 timestamp with offset.")
+    causation_id: uuid.UUID | None = Field(
+        description="`event_id` of the event that caused this one; null for client commands."
+    )
+    source: Source
+    schema_version: int = Field(ge=1)
+    data: SerializeAsAny[Event]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_data(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        name = raw.get("type")
+        payload = raw.get("data")
+        event_type = EVENT_TYPES.get(name) if isinstance(name, str) else None
+        if event_type is None:
+            raise ValueError(f"type: unknown event type {name!r}")
+        version = raw.get("schema_version")
+        if isinstance(version, int) and version > event_type.schema_version:
+            raise ValueError(
+                f"schema_version: {name} version {version} is newer than the supported {event_type.schema_version}"
+            )
+        if isinstance(payload, dict):
+            try:
+                return {**raw, "data": event_type.model_validate(payload)}
+            except ValidationError as error:
+                # Re-raised as one message so the field paths keep their `data.` prefix.
+                raise ValueError(describe_validation_error(error, prefix="data")) from error
+        if isinstance(payload, Event) and not isinstance(payload, event_type):
+            raise ValueError(f"data: a {type(payload).__name__} payload does not match type {name}")
+        return raw
+
+    @field_serializer("occurred_at")
+    def _rfc3339(self, value: datetime) -> str:
+        return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    @classmethod
+    def new(
+        cls,
+        event: Event,
+        *,
+        order_id: str,
+        source: Source,
+        cause: Envelope | None = None,
+        occurred_at: datetime | None = None,
+        event_id: uuid.UUID | None = None,
+    ) -> Envelope:
+        """Wrap `event`; an event caused by another gets an id derived from its cause."""
+        name = type(event).__name__
+        if event_id is None:
+            event_id = (
+                uuid.uuid5(EVENT_ID_NAMESPACE, f"{cause.event_id}/{source.value}/{name}")
+                if cause is not None
+                else uuid.uuid4()
+            )
+        return cls(
+            event_id=event_id,
+            type=name,
+            order_id=order_id,
+            occurred_at=occurred_at or datetime.now(UTC),
+            causation_id=cause.event_id if cause is not None else None,
+            source=source,
+            schema_version=type(event).schema_version,
+            data=event,
+        )
+
+    def caused(self, event: Event, source: Source) -> Envelope:
+        """The envelope of `event`, emitted by `source` in reaction to this one."""
+        return Envelope.new(event, order_id=self.order_id, source=source, cause=self)
+
+    @property
+    def key(self) -> bytes:
+        return self.order_id.encode()
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> Envelope:
+        """Parse and validate one message value; raises ContractError naming the problem."""
+        if raw is None:
+            raise ContractError("value: empty message (null value)")
+        try:
+            document = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ContractError(f"not JSON: {error}") from error
+        if not isinstance(document, dict):
+            raise ContractError(f"not a JSON object but {type(document).__name__}")
+        try:
+            return cls.model_validate(document)
+        except ValidationError as error:
+            raise ContractError(describe_validation_error(error)) from error
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """Every problem, each naming its field path, e.g. `data.items.0.quantity: ...`."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        path = ".".join(str(part) for part in ([prefix] if prefix else []) + list(problem["loc"]))
+        message = problem["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {message}" if path else message)
+    return "; ".join(problems)

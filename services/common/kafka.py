@@ -1,0 +1,34 @@
+"""Factories for aiokafka clients configured from settings; nothing connects until started."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.common.settings import ChoreoSettings
+
+
+def admin_client(settings: ChoreoSettings, **overrides: Any) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**{**settings.kafka_options(), "request_timeout_ms": 15_000, **overrides})
+
+
+def producer(settings: ChoreoSettings, **overrides: Any) -> AIOKafkaProducer:
+    # acks=all with idempotence: a retried send never duplicates, an acknowledged one is never lost.
+    return AIOKafkaProducer(
+        **{**settings.kafka_options(), "acks": "all", "enable_idempotence": True, "linger_ms": 5, **overrides}
+    )
+
+
+def consumer(settings: ChoreoSettings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *topics,
+        **{
+            **settings.kafka_options(),
+            "isolation_level": "read_committed",
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            **overrides,
+        },
+    )

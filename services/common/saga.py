@@ -1,0 +1,114 @@
+"""Turning records into contract events once: decoding, dead-lettering, deduplication, re-emission.
+
+A service's domain code is a set of pure handlers `(state, envelope) -> Reaction`; this module
+runs them so that a redelivered event (same `event_id`) has no second effect and re-emits
+exactly the events recorded the first time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from aiokafka.partitioner import murmur2
+from pydantic import BaseModel, ConfigDict
+
+from schemas.envelope import ContractError, Envelope, Source
+from schemas.events import Event
+from schemas.topics import Topic
+from services.common.processor import Incoming, TaskContext
+
+
+class OrderState(BaseModel):
+    """Base of a service's per-order state; `handled` maps each handled event id to what it emitted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: str
+    handled: dict[str, list[str]] = {}
+
+
+State = TypeVar("State", bound=OrderState)
+
+
+@dataclass(frozen=True)
+class Request:
+    """An internal message to another stage of the same service (not part of the public contract)."""
+
+    topic: Topic
+    key: str
+    body: BaseModel
+
+
+@dataclass(frozen=True)
+class Reaction(Generic[State]):
+    state: State
+    events: tuple[Event, ...] = ()
+    requests: tuple[Request, ...] = field(default=())
+
+
+Handler = Callable[[State, Envelope], Reaction[State]]
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner picks for `key`."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def decode(task: TaskContext, message: Incoming) -> Envelope | None:
+    """The message's envelope, or None after dead-lettering it with the reason."""
+    try:
+        envelope = Envelope.from_bytes(message.value)
+    except ContractError as error:
+        task.dead_letter(message, error.reason)
+        return None
+    if type(envelope.data) not in message.topic.events:
+        task.dead_letter(message, f"type: {envelope.type} is not carried on topic {message.topic.name}")
+        return None
+    if message.key != envelope.key:
+        task.dead_letter(message, f"key: the record key must equal order_id {envelope.order_id!r}")
+        return None
+    expected = partition_for(envelope.key, task.settings.partitions)
+    if expected != message.partition:
+        task.dead_letter(
+            message,
+            f"partition: key {envelope.order_id!r} belongs on partition {expected} (murmur2), "
+            f"not {message.partition}; publish with Kafka's default partitioner "
+            "(kcat: -X topic.partitioner=murmur2_random)",
+        )
+        return None
+    return envelope
+
+
+def order_key(order_id: str) -> str:
+    return f"order:{order_id}"
+
+
+def apply_once(
+    task: TaskContext,
+    envelope: Envelope,
+    *,
+    source: Source,
+    model: type[State],
+    handlers: Mapping[type[Event], Handler[State]],
+) -> None:
+    """Run the handler for `envelope` against its order's state, unless it was handled before."""
+    handler = handlers.get(type(envelope.data))
+    if handler is None:
+        return
+    key = order_key(envelope.order_id)
+    state = task.store.get(key, model) or model(order_id=envelope.order_id)
+    recorded = state.handled.get(str(envelope.event_id))
+    if recorded is not None:
+        for raw in recorded:
+            task.emit(Envelope.model_validate_json(raw))
+        return
+    reaction = handler(state, envelope)
+    emitted = [envelope.caused(event, source) for event in reaction.events]
+    handled = {**reaction.state.handled, str(envelope.event_id): [e.model_dump_json() for e in emitted]}
+    task.store.put(key, reaction.state.model_copy(update={"handled": handled}))
+    for out in emitted:
+        task.emit(out)
+    for request in reaction.requests:
+        task.send(request.topic, request.key, request.body.model_dump_json().encode())

@@ -1,0 +1,105 @@
+"""Running a stateful service as a process: logging, signals, the transactional loop and /health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.common.logs import configure_logging
+from services.common.processor import StreamApp, TransactionalRunner
+from services.common.settings import ChoreoSettings
+
+log = logging.getLogger(__name__)
+
+
+class HealthServer:
+    """GET /health: 200 while the service owns its partitions and runs, 503 otherwise."""
+
+    def __init__(self, host: str, port: int, report: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+        self.host = host
+        self.port = port
+        self._report = report
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._answer, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode(errors="replace").split()
+            if len(parts) < 2 or parts[0] != "GET" or parts[1].split("?")[0] != "/health":
+                status, body = "404 Not Found", {"detail": "only GET /health is served here"}
+            else:
+                healthy, body = self._report()
+                status = "200 OK" if healthy else "503 Service Unavailable"
+            payload = json.dumps(body).encode()
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError) as error:
+            log.debug("health request dropped: %r", error)
+        finally:
+            writer.close()
+
+
+def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[str, Any]]]:
+    def report() -> tuple[bool, dict[str, Any]]:
+        body = {
+            "service": runner.app.name,
+            "status": "ok" if runner.ready else "starting",
+            "partitions": runner.partitions,
+            "records": runner.stats.records,
+            "batches": runner.stats.batches,
+        }
+        return runner.ready, body
+
+    return report
+
+
+async def serve(
+    settings: ChoreoSettings, app: StreamApp, *, also: Callable[[TransactionalRunner], Awaitable[None]] | None = None
+) -> None:
+    """Run `app` until SIGTERM or SIGINT; `also` runs beside it (for example an HTTP API)."""
+    runner = TransactionalRunner(settings, app)
+    health = HealthServer(settings.health_host, settings.health_port, runner_report(runner))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, runner.stop)
+    port = await health.start()
+    log.info("health endpoint listening", extra={"service": app.name, "port": port})
+    try:
+        work = [asyncio.create_task(runner.run())]
+        if also is not None:
+            work.append(asyncio.create_task(also(runner)))
+        done, pending = await asyncio.wait(work, return_when=asyncio.FIRST_COMPLETED)
+        runner.stop()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()  # re-raise a crash so the process exits non-zero
+    finally:
+        await health.stop()
+
+
+def main(settings: ChoreoSettings, app_factory: Callable[[ChoreoSettings], StreamApp]) -> None:
+    """Process entry point shared by the services' `__main__` modules."""
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings, app_factory(settings)))

@@ -1,0 +1,83 @@
+"""Settings shared by every service; each service extends `ChoreoSettings` with its own."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Literal, Self
+
+from aiokafka.helpers import create_ssl_context
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topics import Topic
+
+PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "secret", "password", ""})
+
+Environment = Literal["dev", "test", "production"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class ChoreoSettings(BaseSettings):
+    """Read from `CHOREO_*` environment variables (and `.env`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHOREO_", env_file=".env", extra="ignore")
+
+    environment: Environment = "dev"
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers."
+    )
+    topic_prefix: str = Field(
+        default="", description="Prepended to every topic and group name, so several stacks share a cluster."
+    )
+    partitions: int = Field(default=6, ge=1, description="Partition count of every order-keyed topic.")
+    replication_factor: int = Field(default=1, ge=1)
+    log_level: str = "INFO"
+    health_host: str = Field(default="127.0.0.1", description="Interface of the /health endpoint (0.0.0.0 in containers).")
+    health_port: int = Field(default=0, ge=0, le=65535, description="Port of the /health endpoint; 0 picks a free one.")
+
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _secrets_are_real_outside_dev(self) -> Self:
+        if self.environment == "dev":
+            return self
+        for name, value in self._secrets().items():
+            if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(f"{name} is a placeholder; set a real secret when environment={self.environment}")
+        return self
+
+    def _secrets(self) -> dict[str, SecretStr | None]:
+        """Secrets to check; subclasses add their own."""
+        return {"sasl_password": self.sasl_password}
+
+    def topic(self, topic: Topic) -> str:
+        return f"{self.topic_prefix}{topic.name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def kafka_options(self) -> dict[str, Any]:
+        """Connection options accepted by every aiokafka client."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = self._ssl_context()
+        if self.security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password is not None else None
+            )
+        return options
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        return create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile)
