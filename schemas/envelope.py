@@ -94,16 +94,17 @@ class Envelope(BaseModel):
         *,
         order_id: str,
         source: Source,
-        cause: Envelope | None = None,
+        cause: Envelope | uuid.UUID | None = None,
         occurred_at: datetime | None = None,
         event_id: uuid.UUID | None = None,
     ) -> Envelope:
-        """Wrap `event`; an event caused by another gets an id derived from its cause."""
+        """Wrap `event`; an event caused by another gets an id derived from its cause (an envelope or its id)."""
         name = type(event).__name__
+        cause_id = cause.event_id if isinstance(cause, Envelope) else cause
         if event_id is None:
             event_id = (
-                uuid.uuid5(EVENT_ID_NAMESPACE, f"{cause.event_id}/{source.value}/{name}")
-                if cause is not None
+                uuid.uuid5(EVENT_ID_NAMESPACE, f"{cause_id}/{source.value}/{name}")
+                if cause_id is not None
                 else uuid.uuid4()
             )
         return cls(
@@ -111,7 +112,7 @@ class Envelope(BaseModel):
             type=name,
             order_id=order_id,
             occurred_at=occurred_at or datetime.now(UTC),
-            causation_id=cause.event_id if cause is not None else None,
+            causation_id=cause_id,
             source=source,
             schema_version=type(event).schema_version,
             data=event,
