@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
@@ -23,6 +21,3 @@ class DeadLetter(BaseModel):
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
-
-
-

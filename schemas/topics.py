@@ -6,9 +6,9 @@ partition count, so an order's events land on the same partition number of every
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from schemas.events import (
     EVENT_TYPES,
@@ -147,8 +147,6 @@ SAGA_TOPICS: tuple[Topic, ...] = (
     SHIPPING_EVENTS,
 )
 PUBLIC_TOPICS: tuple[Topic, ...] = (*SAGA_TOPICS, AUDIT, MONITOR_STATE, DEAD_LETTER)
-
-
 
 
 def _changelog(service: str) -> Topic:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from services.cli.broker_cmd import add_broker_commands
-from services.cli.publish_cmd import InvalidCommand, add_publish_commands
+from services.cli.publish_cmd import InvalidCommandError, add_publish_commands
 from services.cli.schemas_cmd import add_schemas_commands
+from services.cli.stack_cmd import add_stack_commands
 from services.cli.topics_cmd import add_topics_commands
 from services.common.logs import configure_logging
 from services.common.settings import ChoreoSettings
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_topics_commands(commands)
     add_publish_commands(commands)
     add_schemas_commands(commands)
+    add_stack_commands(commands)
     return parser
 
 
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID_INPUT
     try:
         code: int = args.handler(args, settings)
-    except InvalidCommand as error:
+    except InvalidCommandError as error:
         sys.stderr.write(f"choreo: invalid input: {error}\n")
         return EXIT_INVALID_INPUT
     except TopicConfigurationError as error:

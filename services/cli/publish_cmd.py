@@ -7,18 +7,19 @@ import asyncio
 import json
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.envelope import ContractError, Envelope, Source, describe_validation_error
+from schemas.envelope import Envelope, Source, describe_validation_error
 from schemas.events import OrderCancellationRequested, OrderPlaced
 from schemas.topics import ORDERS
 from services.common.publisher import publish
 from services.common.settings import ChoreoSettings
 
 
-class InvalidCommand(ValueError):
+class InvalidCommandError(ValueError):
     """The command line or input does not make a valid event."""
 
 
@@ -55,7 +56,7 @@ def _publish_cancellation(args: argparse.Namespace, settings: ChoreoSettings) ->
         event = OrderCancellationRequested(reason=args.reason)
         envelope = Envelope.new(event, order_id=args.order_id, source=Source.CLIENT)
     except ValidationError as error:
-        raise InvalidCommand(describe_validation_error(error)) from error
+        raise InvalidCommandError(describe_validation_error(error)) from error
     return _send(settings, envelope)
 
 
@@ -81,7 +82,7 @@ def order_from_arguments(args: argparse.Namespace) -> Envelope:
     if not args.item:
         missing.append("--item")
     if missing:
-        raise InvalidCommand(f"missing {', '.join(missing)} (or give --file)")
+        raise InvalidCommandError(f"missing {', '.join(missing)} (or give --file)")
     data = {
         "customer_id": args.customer,
         "items": [_parse_item(text) for text in args.item],
@@ -102,20 +103,20 @@ def order_from_arguments(args: argparse.Namespace) -> Envelope:
 
 def _order_from_document(document: Any, order_id: str | None) -> Envelope:
     if not isinstance(document, dict):
-        raise InvalidCommand(f"expected a JSON object, got {type(document).__name__}")
+        raise InvalidCommandError(f"expected a JSON object, got {type(document).__name__}")
     if "type" in document:
         try:
             envelope = Envelope.model_validate(document)
         except ValidationError as error:
-            raise InvalidCommand(describe_validation_error(error)) from error
+            raise InvalidCommandError(describe_validation_error(error)) from error
         if type(envelope.data) not in ORDERS.events:
-            raise InvalidCommand(f"type: {envelope.type} is not a client command ({_client_commands()})")
+            raise InvalidCommandError(f"type: {envelope.type} is not a client command ({_client_commands()})")
         return envelope
     try:
         event = OrderPlaced.model_validate(document)
         return Envelope.new(event, order_id=order_id or str(uuid.uuid4()), source=Source.CLIENT)
     except ValidationError as error:
-        raise InvalidCommand(describe_validation_error(error, prefix="data")) from error
+        raise InvalidCommandError(describe_validation_error(error, prefix="data")) from error
 
 
 def _client_commands() -> str:
@@ -125,7 +126,7 @@ def _client_commands() -> str:
 def _parse_item(text: str) -> dict[str, Any]:
     parts = text.split(":")
     if len(parts) != 3:
-        raise InvalidCommand(f"--item {text!r}: expected SKU:QTY:PRICE, e.g. WIDGET-1:2:19.99")
+        raise InvalidCommandError(f"--item {text!r}: expected SKU:QTY:PRICE, e.g. WIDGET-1:2:19.99")
     sku, quantity, price = parts
     try:
         count: Any = int(quantity)
@@ -136,13 +137,13 @@ def _parse_item(text: str) -> dict[str, Any]:
 
 def _read_json(path: str) -> Any:
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise InvalidCommand(f"--file {path}: {error.strerror}") from error
+        raise InvalidCommandError(f"--file {path}: {error.strerror}") from error
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise InvalidCommand(f"--file {path}: not JSON: {error}") from error
+        raise InvalidCommandError(f"--file {path}: not JSON: {error}") from error
 
 
-__all__ = ["ContractError", "InvalidCommand", "add_publish_commands", "order_from_arguments"]
+__all__ = ["InvalidCommandError", "add_publish_commands", "order_from_arguments"]

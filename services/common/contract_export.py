@@ -30,10 +30,10 @@ def envelope_model(event_type: type[Event]) -> type[BaseModel]:
     fields: dict[str, Any] = {
         field: (info.annotation, info) for field, info in Envelope.model_fields.items() if field not in ("type", "data")
     }
-    fields["type"] = (Literal[name], Field(description="Event name."))  # type: ignore[valid-type]
-    fields["schema_version"] = (Literal[event_type.schema_version], Field(description="Version of `data`."))  # type: ignore[valid-type]
+    fields["type"] = (Literal[name], Field(description="Event name."))
+    fields["schema_version"] = (Literal[event_type.schema_version], Field(description="Version of `data`."))
     fields["data"] = (event_type, Field(description=(event_type.__doc__ or "").strip()))
-    model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    model: type[BaseModel] = create_model(
         f"{name}Envelope",
         __config__=ConfigDict(extra="forbid", title=f"{name} envelope"),
         __doc__=f"A {name} event in its envelope.",
@@ -46,7 +46,10 @@ def json_schema_files() -> dict[Path, str]:
     files: dict[Path, str] = {}
     for name, event_type in EVENT_TYPES.items():
         files[JSON_SCHEMA_DIR / f"{name}.json"] = _dump_json(
-            {"$schema": "https://json-schema.org/draft/2020-12/schema", **envelope_model(event_type).model_json_schema()}
+            {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                **envelope_model(event_type).model_json_schema(),
+            }
         )
     files[JSON_SCHEMA_DIR / "DeadLetter.json"] = _dump_json(
         {"$schema": "https://json-schema.org/draft/2020-12/schema", **DeadLetter.model_json_schema()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -256,8 +257,8 @@ class TransactionalRunner:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def wait_assigned(self, timeout: float) -> None:
-        await asyncio.wait_for(self._assigned.wait(), timeout)
+    async def wait_assigned(self) -> None:
+        await self._assigned.wait()
 
     # --- batches ------------------------------------------------------------------------------
 
@@ -266,14 +267,14 @@ class TransactionalRunner:
         for tp, records in batch.items():
             if records and tp.partition in self._tasks:
                 by_task.setdefault(tp.partition, {})[tp] = records
-        for partition, records in by_task.items():
+        for partition, task_records in by_task.items():
             await self._in_transaction(
                 partition,
-                lambda context, records=records: self._handle_records(context, records),  # type: ignore[misc]
-                offsets={tp: rows[-1].offset + 1 for tp, rows in records.items()},
+                functools.partial(self._handle_records, records=task_records),
+                offsets={tp: rows[-1].offset + 1 for tp, rows in task_records.items()},
             )
             self.stats.batches += 1
-            self.stats.records += sum(len(rows) for rows in records.values())
+            self.stats.records += sum(len(rows) for rows in task_records.values())
 
     def _handle_records(self, context: TaskContext, records: dict[TopicPartition, list[Any]]) -> None:
         for tp, rows in records.items():
@@ -323,7 +324,9 @@ class TransactionalRunner:
             return
         except KafkaError:
             # The transaction was aborted: start the task afresh from what was committed.
-            log.exception("transaction failed; reopening task", extra={"service": self.app.name, "partition": partition})
+            log.exception(
+                "transaction failed; reopening task", extra={"service": self.app.name, "partition": partition}
+            )
             task.store.rollback()
             await self._close_tasks([partition])
             await self._open_tasks([partition])
@@ -396,13 +399,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Waiting for the lock lets an in-flight batch commit before its task is handed over.
-        async with self.runner._work_lock:  # noqa: SLF001
-            await self.runner._close_tasks(sorted({tp.partition for tp in revoked}))  # noqa: SLF001
+        async with self.runner._work_lock:
+            await self.runner._close_tasks(sorted({tp.partition for tp in revoked}))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        async with self.runner._work_lock:  # noqa: SLF001
-            await self.runner._open_tasks(sorted({tp.partition for tp in assigned}))  # noqa: SLF001
-        self.runner._assigned.set()  # noqa: SLF001
+        async with self.runner._work_lock:
+            await self.runner._open_tasks(sorted({tp.partition for tp in assigned}))
+        self.runner._assigned.set()
         log.info(
             "partitions assigned",
             extra={"service": self.runner.app.name, "partitions": self.runner.partitions},

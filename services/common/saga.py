@@ -53,7 +53,8 @@ Handler = Callable[[State, Envelope], Reaction[State]]
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for `key`."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def decode(task: TaskContext, message: Incoming) -> Envelope | None:

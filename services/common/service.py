@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.common.logs import configure_logging
@@ -74,7 +74,10 @@ def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[
 
 
 async def serve(
-    settings: ChoreoSettings, app: StreamApp, *, also: Callable[[TransactionalRunner], Awaitable[None]] | None = None
+    settings: ChoreoSettings,
+    app: StreamApp,
+    *,
+    also: Callable[[TransactionalRunner], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
     """Run `app` until SIGTERM or SIGINT; `also` runs beside it (for example an HTTP API)."""
     runner = TransactionalRunner(settings, app)

@@ -33,7 +33,9 @@ class ChoreoSettings(BaseSettings):
     partitions: int = Field(default=6, ge=1, description="Partition count of every order-keyed topic.")
     replication_factor: int = Field(default=1, ge=1)
     log_level: str = "INFO"
-    health_host: str = Field(default="127.0.0.1", description="Interface of the /health endpoint (0.0.0.0 in containers).")
+    health_host: str = Field(
+        default="127.0.0.1", description="Interface of the /health endpoint (0.0.0.0 in containers)."
+    )
     health_port: int = Field(default=0, ge=0, le=65535, description="Port of the /health endpoint; 0 picks a free one.")
 
     security_protocol: SecurityProtocol = "PLAINTEXT"
@@ -80,4 +82,7 @@ class ChoreoSettings(BaseSettings):
         return options
 
     def _ssl_context(self) -> ssl.SSLContext:
-        return create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile)
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+        )
+        return context

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from schemas.topics import ALL_TOPICS, Topic
 from services.common.kafka import admin_client
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 # Shown by `describe` even when the broker reports them at their defaults.
 _ALWAYS_SHOWN = ("cleanup.policy", "retention.ms", "min.insync.replicas")
 _TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
+METADATA_WAIT_S = 15.0
 
 
 class TopicConfigurationError(RuntimeError):
@@ -40,7 +43,9 @@ def expected_partitions(settings: ChoreoSettings, topic: Topic) -> int:
 
 
 async def ensure_topics(
-    settings: ChoreoSettings, topics: Sequence[Topic] = ALL_TOPICS, config_overrides: dict[str, dict[str, str]] | None = None
+    settings: ChoreoSettings,
+    topics: Sequence[Topic] = ALL_TOPICS,
+    config_overrides: dict[str, dict[str, str]] | None = None,
 ) -> list[TopicDescription]:
     """Create what is missing, then verify every topic against the registry; safe to run again."""
     overrides = config_overrides or {}
@@ -108,14 +113,26 @@ async def _create(
             log.info("created topic %s", name)
 
 
+async def _topic_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> list[dict[str, Any]]:
+    # A topic just created can take a moment to reach the broker's metadata cache.
+    deadline = time.monotonic() + METADATA_WAIT_S
+    while True:
+        metadata: list[dict[str, Any]] = await admin.describe_topics(names)
+        failed = [topic for topic in metadata if topic["error_code"] != 0]
+        if not failed:
+            return metadata
+        retriable = all(topic["error_code"] == UnknownTopicOrPartitionError.errno for topic in failed)
+        if not retriable or time.monotonic() > deadline:
+            raise for_code(failed[0]["error_code"])(f"describing topic {failed[0]['topic']}")
+        await asyncio.sleep(0.1)
+
+
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, TopicDescription]:
     if not names:
         return {}
-    metadata = await admin.describe_topics(names)
+    metadata = await _topic_metadata(admin, names)
     layout: dict[str, tuple[int, int]] = {}
     for topic in metadata:
-        if topic["error_code"] != 0:
-            raise for_code(topic["error_code"])(f"describing topic {topic['topic']}")
         partitions = topic["partitions"]
         layout[topic["topic"]] = (len(partitions), len(partitions[0]["replicas"]) if partitions else 0)
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names])
@@ -127,7 +144,9 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, T
                 raise for_code(code)(f"describing configuration of {name}: {message}")
             configs[name] = _shown_config(entries)
     return {
-        name: TopicDescription(name=name, partitions=layout[name][0], replication_factor=layout[name][1], config=configs[name])
+        name: TopicDescription(
+            name=name, partitions=layout[name][0], replication_factor=layout[name][1], config=configs[name]
+        )
         for name in names
     }
 

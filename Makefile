@@ -1,0 +1,57 @@
+# Everything a fresh machine needs: `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+CLASSPATH_STAMP := .run/broker/classpath.txt
+
+.PHONY: help setup run up down test lint typecheck contract-check compose-check unit clean
+
+help:
+	@echo "make run    set up, start the broker, create topics and run every service (Ctrl-C stops all)"
+	@echo "make test   set up, then ruff, mypy, contract and compose checks, and the test suite"
+	@echo "make up / make down   the same stack in the background"
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalls only when the dependency list changes, so a second run downloads nothing.
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(INSTALLED)
+	$(BIN)/choreo broker fetch
+
+run: setup
+	$(BIN)/choreo run
+
+up: setup
+	$(BIN)/choreo up --detach
+
+down: setup
+	$(BIN)/choreo down
+
+lint: setup
+	$(BIN)/ruff check schemas services tests
+	$(BIN)/ruff format --check schemas services tests
+
+typecheck: setup
+	$(BIN)/mypy
+
+contract-check: setup
+	$(BIN)/choreo schemas export --check
+
+compose-check:
+	bash scripts/check-compose.sh
+
+test: setup lint typecheck contract-check compose-check
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,191 @@
+"""The whole stack on this machine: the local broker, the topics and one process per service.
+
+`choreo run` keeps it in the foreground (Ctrl-C stops all of it); `choreo up --detach` leaves it
+running with logs and pid files under the run folder, and `choreo down` stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.broker import REPO_ROOT, BrokerSettings, LocalBroker
+from services.common.settings import ChoreoSettings
+from services.common.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+# Start order follows the saga, so downstream consumers are up before upstream ones emit.
+SERVICES: tuple[str, ...] = ("audit", "monitor", "shipping", "approval", "payment", "inventory")
+RUN_DIR = REPO_ROOT / ".run"
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_file: Path | None
+
+
+def available_services() -> list[str]:
+    """The services of this checkout that can run as `python -m services.<name>`."""
+    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}.__main__") is not None]
+
+
+def _pid_file(name: str) -> Path:
+    return RUN_DIR / "pids" / f"{name}.pid"
+
+
+def _log_file(name: str) -> Path:
+    return RUN_DIR / "logs" / f"{name}.log"
+
+
+def prepare(settings: ChoreoSettings, broker: LocalBroker, *, start_broker: bool) -> ChoreoSettings:
+    """Start the local broker (unless told to use the configured one) and provision the topics."""
+    if start_broker:
+        result = broker.start()
+        log.warning(
+            "broker ready at %s (%s, %.1f s)",
+            result.bootstrap,
+            "already running" if result.already_running else "started",
+            result.elapsed_s,
+        )
+        settings = settings.model_copy(update={"bootstrap_servers": result.bootstrap})
+    asyncio.run(ensure_topics(settings))
+    return settings
+
+
+def spawn(settings: ChoreoSettings, names: Sequence[str], *, detach: bool) -> list[ServiceProcess]:
+    env = {**os.environ, "CHOREO_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+    started = []
+    for name in names:
+        log_file = _log_file(name) if detach else None
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        output = open(log_file, "ab") if log_file is not None else None  # noqa: SIM115 - handed to the child
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT if output is not None else None,
+                start_new_session=detach,
+            )
+        finally:
+            if output is not None:
+                output.close()
+        if detach:
+            _pid_file(name).parent.mkdir(parents=True, exist_ok=True)
+            _pid_file(name).write_text(str(process.pid))
+        started.append(ServiceProcess(name, process, log_file))
+        log.warning("started %s (pid %d)", name, process.pid)
+    return started
+
+
+def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *, start_broker: bool) -> int:
+    """Run everything until Ctrl-C or SIGTERM, then stop the services and the broker cleanly."""
+    broker = LocalBroker(broker_settings)
+    settings = prepare(settings, broker, start_broker=start_broker)
+    names = available_services()
+    processes = [service.process for service in spawn(settings, names, detach=False)]
+    log.warning("stack running: %s; Ctrl-C stops it", ", ".join(names) or "no services yet")
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    exit_code = 0
+    try:
+        while not stopping:
+            crashed = [(name, p.returncode) for name, p in zip(names, processes, strict=True) if p.poll() is not None]
+            if crashed:
+                log.error("service exited: %s", ", ".join(f"{name} ({code})" for name, code in crashed))
+                exit_code = 1
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _terminate([p.pid for p in processes if p.poll() is None])
+        for process in processes:
+            process.wait()
+        if start_broker:
+            broker.stop()
+        log.warning("stack stopped")
+    return exit_code
+
+
+def up_detached(
+    settings: ChoreoSettings, broker_settings: BrokerSettings, *, start_broker: bool
+) -> list[ServiceProcess]:
+    broker = LocalBroker(broker_settings)
+    settings = prepare(settings, broker, start_broker=start_broker)
+    running = {name for name in available_services() if _running_pid(name) is not None}
+    return spawn(settings, [name for name in available_services() if name not in running], detach=True)
+
+
+def down(broker_settings: BrokerSettings, *, stop_broker: bool) -> list[str]:
+    stopped = []
+    pids = {name: pid for name in SERVICES if (pid := _running_pid(name)) is not None}
+    _terminate(list(pids.values()))
+    for name in pids:
+        _pid_file(name).unlink(missing_ok=True)
+        stopped.append(name)
+    if stop_broker:
+        LocalBroker(broker_settings).stop()
+        stopped.append("broker")
+    return stopped
+
+
+def _running_pid(name: str) -> int | None:
+    try:
+        pid = int(_pid_file(name).read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+def _terminate(pids: Sequence[int]) -> None:
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            log.warning("pid %d ignored SIGTERM for %.0f s; killing it", pid, STOP_TIMEOUT_S)
+            _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _status = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: fall back to probing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,73 @@
+"""Helpers for tests that talk to the real broker: run the CLI, read a topic, poll for a condition."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.topics import Topic
+from services.common.settings import ChoreoSettings
+
+T = TypeVar("T")
+
+
+def choreo(settings: ChoreoSettings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `choreo` command line against the test's broker and topic prefix."""
+    env = {
+        **os.environ,
+        "CHOREO_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "CHOREO_TOPIC_PREFIX": settings.topic_prefix,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+async def read_topic(settings: ChoreoSettings, topic: Topic) -> list[Any]:
+    """Every committed record of `topic` that is there now, in partition then offset order."""
+    consumer = AIOKafkaConsumer(**settings.kafka_options(), isolation_level="read_committed", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        name = settings.topic(topic)
+        partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        if not partitions:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - first use of a fresh topic
+            partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[Any] = []
+        for tp in partitions:
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                records.extend(batch.get(tp, []))
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], condition: Callable[[T], bool], *, timeout: float = 30.0, interval: float = 0.2
+) -> T:
+    """Poll `probe` until `condition` holds for its result; fail with the last result after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if condition(result):
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s; last result: {result!r}")
+        await asyncio.sleep(interval)

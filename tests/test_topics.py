@@ -1,0 +1,70 @@
+"""`choreo topics` against the real broker: configuration read back, idempotence, drift refused."""
+
+from __future__ import annotations
+
+import json
+
+from aiokafka.admin import NewTopic
+
+from schemas.topics import ALL_TOPICS, MONITOR_STATE, ORDERS
+from services.common.kafka import admin_client
+from services.common.settings import ChoreoSettings
+from services.common.topics import TopicConfigurationError, describe_topics, ensure_topics
+from tests.support import choreo
+
+
+def test_create_makes_every_topic_with_its_configuration(choreo_settings: ChoreoSettings) -> None:
+    created = choreo(choreo_settings, "topics", "create")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.count("created") == len(ALL_TOPICS)
+
+    described = choreo(choreo_settings, "topics", "describe", "--json")
+    assert described.returncode == 0, described.stderr
+    topics = {row["name"]: row for row in map(json.loads, described.stdout.splitlines())}
+    assert topics[choreo_settings.topic(MONITOR_STATE)]["config"]["cleanup.policy"] == "compact"
+    assert topics[choreo_settings.topic(ORDERS)]["config"]["cleanup.policy"] == "delete"
+    assert {row["partitions"] for row in topics.values()} == {choreo_settings.partitions}
+
+
+async def test_create_is_idempotent(choreo_settings: ChoreoSettings) -> None:
+    first = await ensure_topics(choreo_settings)
+    second = await ensure_topics(choreo_settings)
+    assert all(topic.created for topic in first)
+    assert not any(topic.created for topic in second)
+    assert [(t.name, t.partitions, t.config) for t in first] == [(t.name, t.partitions, t.config) for t in second]
+    assert await describe_topics(choreo_settings) == [
+        type(t)(t.name, t.partitions, t.replication_factor, t.config) for t in second
+    ]
+
+
+async def test_a_topic_with_the_wrong_cleanup_policy_is_an_error(choreo_settings: ChoreoSettings) -> None:
+    admin = admin_client(choreo_settings)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(choreo_settings.topic(MONITOR_STATE), 6, 1, topic_configs={"cleanup.policy": "delete"})]
+        )
+    finally:
+        await admin.close()
+    try:
+        await ensure_topics(choreo_settings)
+    except TopicConfigurationError as error:
+        assert "monitor.state has cleanup.policy=delete, the registry requires compact" in str(error)
+    else:
+        raise AssertionError("a delete-policy monitor.state was accepted")
+
+    cli = choreo(choreo_settings, "topics", "create")
+    assert cli.returncode == 1
+    assert "cleanup.policy=delete" in cli.stderr
+
+
+async def test_a_topic_with_the_wrong_partition_count_is_an_error(choreo_settings: ChoreoSettings) -> None:
+    admin = admin_client(choreo_settings)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(choreo_settings.topic(ORDERS), 2, 1, topic_configs={})])
+    finally:
+        await admin.close()
+    cli = choreo(choreo_settings, "topics", "create")
+    assert cli.returncode == 1
+    assert "2 partitions, co-partitioning requires 6" in cli.stderr
