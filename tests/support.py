@@ -44,7 +44,7 @@ async def read_topic(settings: ChoreoSettings, topic: Topic) -> list[Any]:
         name = settings.topic(topic)
         partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
         if not partitions:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - first use of a fresh topic
+            await consumer._client.force_metadata_update()  # first use of a fresh topic
             partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)

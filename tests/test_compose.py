@@ -16,19 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 CHECK_SCRIPT = ROOT / "scripts" / "check-compose.sh"
 
-APP_SERVICES = frozenset(
-    {"inventory", "payment", "approval", "shipping", "audit", "monitor"}
-)
+APP_SERVICES = frozenset({"inventory", "payment", "approval", "shipping", "audit", "monitor"})
 INTERNAL_BOOTSTRAP = "kafka:19092"
 
 
 def _command(service: dict[str, Any]) -> list[str]:
     command = service.get("command") or []
-    return (
-        shlex.split(command)
-        if isinstance(command, str)
-        else [str(word) for word in command]
-    )
+    return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
 
 
 def _module(service: dict[str, Any]) -> str | None:
@@ -55,20 +49,14 @@ def _healthcheck_command(service: dict[str, Any]) -> str:
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict[str, Any]]:
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(compose, dict) and isinstance(compose.get("services"), dict), (
-        "no services in docker-compose.yml"
-    )
+    assert isinstance(compose, dict) and isinstance(compose.get("services"), dict), "no services in docker-compose.yml"
     services: dict[str, dict[str, Any]] = compose["services"]
     return services
 
 
 @pytest.fixture(scope="module")
 def app_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        name: service
-        for name, service in services.items()
-        if _module(service) is not None
-    }
+    return {name: service for name, service in services.items() if _module(service) is not None}
 
 
 def test_check_script_passes() -> None:
@@ -93,10 +81,7 @@ def test_kafka_is_the_official_image_with_a_healthcheck(
     kafka = services["kafka"]
     assert str(kafka["image"]).startswith("apache/kafka:")
     assert "kafka-broker-api-versions.sh" in _healthcheck_command(kafka)
-    assert any(
-        str(volume).endswith(":/var/lib/kafka/data")
-        for volume in kafka.get("volumes", [])
-    )
+    assert any(str(volume).endswith(":/var/lib/kafka/data") for volume in kafka.get("volumes", []))
 
 
 def test_kafka_listens_inside_and_on_the_host(
@@ -145,9 +130,7 @@ def test_app_services_wait_for_kafka_and_topics(
         depends_on = service.get("depends_on")
         assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions"
         assert depends_on["kafka"]["condition"] == "service_healthy", name
-        assert depends_on["topics"]["condition"] == "service_completed_successfully", (
-            name
-        )
+        assert depends_on["topics"]["condition"] == "service_completed_successfully", name
 
 
 def test_app_services_are_configured_and_supervised(

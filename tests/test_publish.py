@@ -108,7 +108,8 @@ async def test_kcat_publishes_a_hand_written_order_that_validates(orders_topic: 
     )  # fmt: skip
     [record] = await read_topic(orders_topic, ORDERS)
     envelope = Envelope.from_bytes(record.value)
-    assert envelope.order_id == "order-1001" and record.key == b"order-1001"
+    assert envelope.order_id == "order-1001"
+    assert record.key == b"order-1001"
     assert record.partition == partition_for(b"order-1001", orders_topic.partitions)
     assert isinstance(envelope.data, OrderPlaced)
 
