@@ -1,0 +1,6 @@
+from services.common.service import main
+from services.shipping.app import build_app
+from services.shipping.settings import ShippingSettings
+
+settings = ShippingSettings()
+main(settings, lambda _: build_app(settings))
