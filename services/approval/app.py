@@ -1,0 +1,76 @@
+"""Approval's StreamApp and its wiring."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from schemas.envelope import Envelope, Source
+from schemas.topics import APPROVAL_DECISIONS, APPROVAL_STATE, ORDERS, PAYMENT_EVENTS, Topic
+from services.approval.domain import DEADLINES_KEY, ApprovalPolicy, ApprovalState, DeadlineIndex
+from services.approval.handlers import handlers, on_tick
+from services.approval.settings import ApprovalSettings
+from services.common.processor import Incoming, TaskContext
+from services.common.saga import apply_once, decode, order_key
+
+log = logging.getLogger(__name__)
+
+
+class ApprovalApp:
+    name: str = "approval"
+    inputs: Sequence[Topic] = (PAYMENT_EVENTS, APPROVAL_DECISIONS, ORDERS)
+    changelog: Topic = APPROVAL_STATE
+
+    def __init__(self, policy: ApprovalPolicy) -> None:
+        self.policy = policy
+        self._handlers = handlers(policy)
+
+    def process(self, task: TaskContext, message: Incoming) -> None:
+        envelope = decode(task, message)
+        if envelope is None or type(envelope.data) not in self._handlers:
+            return
+        apply_once(task, envelope, source=Source.APPROVAL, model=ApprovalState, handlers=self._handlers)
+        state = task.store.get(order_key(envelope.order_id), ApprovalState)
+        if state is not None:
+            _save_index(task, _index(task).track(state))
+
+    def tick(self, task: TaskContext, now: datetime) -> None:
+        index = _index(task)
+        due = index.due(now)
+        for order_id in due:
+            key = order_key(order_id)
+            state = task.store.get(key, ApprovalState)
+            if state is None:
+                index = index.forget(order_id)
+                continue
+            reaction = on_tick(state, now)
+            if reaction.state != state:
+                task.store.put(key, reaction.state)
+            for event in reaction.events:
+                cause = uuid.UUID(state.requested_event_id) if state.requested_event_id else None
+                task.emit(Envelope.new(event, order_id=order_id, source=Source.APPROVAL, cause=cause, occurred_at=now))
+                log.info("approval timer fired", extra={"order_id": order_id, "event": type(event).__name__})
+            index = index.track(reaction.state)
+        if due:
+            _save_index(task, index)
+
+
+def _index(task: TaskContext) -> DeadlineIndex:
+    return task.store.get(DEADLINES_KEY, DeadlineIndex) or DeadlineIndex()
+
+
+def _save_index(task: TaskContext, index: DeadlineIndex) -> None:
+    if index != _index(task):
+        task.store.put(DEADLINES_KEY, index)
+
+
+def build_app(settings: ApprovalSettings) -> ApprovalApp:
+    return ApprovalApp(
+        ApprovalPolicy(
+            threshold=settings.approval_threshold,
+            timeout=settings.approval_timeout,
+            escalation_fraction=settings.approval_escalation_fraction,
+        )
+    )

@@ -1,0 +1,193 @@
+"""Approval's rules: when a human must decide, which decision counts, and when time runs out.
+
+The rules are pure functions of the order's approval state, so the stream side and the reviewer
+API (which answers 404/409 before it publishes a decision) apply the same ones. The stream side
+rules last: a decision the API let through can still be ignored if another one won meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from schemas.events import OrderDetails
+from schemas.primitives import Money
+from services.common.saga import OrderState
+
+SYSTEM_REVIEWER = "system"
+BELOW_THRESHOLD = "below threshold"
+APPROVED_BY_REVIEWER = "approved by reviewer"
+
+DEADLINES_KEY = "deadlines"
+"""State key of the task's index of pending approvals (see `DeadlineIndex`)."""
+
+
+class ApprovalStatus(StrEnum):
+    AWAITING_PAYMENT = "awaiting_payment"
+    """No charge seen yet, so nothing to approve."""
+    PENDING = "pending"
+    GRANTED = "granted"
+    DENIED = "denied"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    """The order was cancelled while a reviewer's decision was pending."""
+
+
+CLOSED = frozenset({ApprovalStatus.GRANTED, ApprovalStatus.DENIED, ApprovalStatus.TIMED_OUT, ApprovalStatus.CANCELLED})
+
+
+class ApprovalState(OrderState):
+    status: ApprovalStatus = ApprovalStatus.AWAITING_PAYMENT
+    cancelled: bool = False
+    """A cancellation was requested, whatever the status then: a later charge is not approved."""
+    order: OrderDetails | None = None
+    amount: Money | None = None
+    currency: str | None = None
+    requested_event_id: str | None = None
+    """Id of ApprovalRequested: the cause of the escalation and the timeout."""
+    requested_at: AwareDatetime | None = None
+    escalate_at: AwareDatetime | None = None
+    deadline: AwareDatetime | None = None
+    escalated: bool = False
+    reviewer: str | None = None
+    comment: str | None = None
+    decision_event_id: str | None = None
+    closed_at: AwareDatetime | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    threshold: Decimal
+    timeout: timedelta
+    escalation_fraction: float
+
+    def needs_review(self, amount: Decimal) -> bool:
+        return amount >= self.threshold
+
+    def deadline(self, requested_at: datetime) -> datetime:
+        return requested_at + self.timeout
+
+    def escalation_at(self, requested_at: datetime) -> datetime:
+        return requested_at + self.timeout * self.escalation_fraction
+
+
+class Problem(StrEnum):
+    """Why a decision cannot be accepted, in terms an HTTP layer maps to a status code."""
+
+    NOT_FOUND = "not_found"
+    """No approval exists for the order (404)."""
+    CONFLICT = "conflict"
+    """The approval exists but accepts no decision any more (409)."""
+
+
+@dataclass(frozen=True)
+class Ruling:
+    problem: Problem | None = None
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.problem is None
+
+
+ACCEPTED = Ruling()
+
+
+def rule_on_decision(state: ApprovalState | None, submitted_at: datetime) -> Ruling:
+    """Whether a decision submitted at `submitted_at` would decide the approval; the first accepted one wins."""
+    if state is None or (state.status is ApprovalStatus.AWAITING_PAYMENT and not state.cancelled):
+        return Ruling(Problem.NOT_FOUND, "no approval has been requested for this order")
+    closed = _closed_reason(state)
+    if closed is not None:
+        return Ruling(Problem.CONFLICT, closed)
+    if state.deadline is not None and submitted_at >= state.deadline:
+        return Ruling(Problem.CONFLICT, f"submitted after the deadline {state.deadline.isoformat()}")
+    return ACCEPTED
+
+
+def _closed_reason(state: ApprovalState) -> str | None:
+    if state.cancelled:
+        return "the order was cancelled"
+    if state.status is ApprovalStatus.GRANTED:
+        return f"the approval was already granted by {state.reviewer}"
+    if state.status is ApprovalStatus.DENIED:
+        return f"the approval was already denied by {state.reviewer}"
+    if state.status is ApprovalStatus.TIMED_OUT:
+        return "the approval timed out"
+    return None
+
+
+def next_timer(state: ApprovalState) -> datetime | None:
+    """When the approval next needs a tick: its escalation point, then its deadline; None once closed."""
+    if state.status is not ApprovalStatus.PENDING or state.deadline is None:
+        return None
+    if not state.escalated and state.escalate_at is not None and state.escalate_at < state.deadline:
+        return state.escalate_at
+    return state.deadline
+
+
+class DeadlineIndex(BaseModel):
+    """The task's pending approvals and when each next needs attention, kept beside the order states.
+
+    A tick reads this one document instead of decoding every order the task ever saw. It changes in
+    the same transaction as the order state it mirrors, so the changelog restores both consistently.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    timers: dict[str, AwareDatetime] = {}
+
+    def track(self, state: ApprovalState) -> DeadlineIndex:
+        due = next_timer(state)
+        if due == self.timers.get(state.order_id):
+            return self
+        timers = {order_id: at for order_id, at in self.timers.items() if order_id != state.order_id}
+        if due is not None:
+            timers[state.order_id] = due
+        return DeadlineIndex(timers=timers)
+
+    def forget(self, order_id: str) -> DeadlineIndex:
+        return DeadlineIndex(timers={key: at for key, at in self.timers.items() if key != order_id})
+
+    def due(self, now: datetime) -> list[str]:
+        return sorted(order_id for order_id, at in self.timers.items() if at <= now)
+
+
+class ApprovalView(BaseModel):
+    """What a reviewer sees of one approval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: str
+    status: ApprovalStatus
+    customer_id: str | None
+    amount: Money | None
+    currency: str | None
+    requested_at: AwareDatetime | None
+    escalated: bool
+    deadline: AwareDatetime | None
+    reviewer: str | None
+    comment: str | None
+    closed_at: AwareDatetime | None
+    order: OrderDetails | None
+
+    @classmethod
+    def of(cls, state: ApprovalState) -> ApprovalView:
+        return cls(
+            order_id=state.order_id,
+            status=state.status,
+            customer_id=state.order.customer_id if state.order is not None else None,
+            amount=state.amount,
+            currency=state.currency,
+            requested_at=state.requested_at,
+            escalated=state.escalated,
+            deadline=state.deadline,
+            reviewer=state.reviewer,
+            comment=state.comment,
+            closed_at=state.closed_at,
+            order=state.order,
+        )

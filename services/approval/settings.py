@@ -1,0 +1,62 @@
+"""Approval's settings: the review threshold, the reviewer's deadline and the reviewer API's access."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from services.common.settings import ChoreoSettings
+
+_SECONDS = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+
+
+class ApprovalSettings(ChoreoSettings):
+    approval_threshold: Decimal = Field(
+        default=Decimal("1000.00"),
+        ge=0,
+        description="Orders whose total is at or above this amount need a reviewer (the comparison is inclusive).",
+    )
+    approval_timeout: timedelta = Field(
+        default=timedelta(hours=24),
+        description="How long a reviewer has to decide; env CHOREO_APPROVAL_TIMEOUT in seconds (`90`) or ISO 8601 "
+        "(`PT24H`).",
+    )
+    approval_escalation_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Share of the timeout after which a still-pending approval is escalated.",
+    )
+    approval_token: SecretStr | None = Field(
+        default=None, description="Bearer token of the reviewer API; required, and not a placeholder, outside dev."
+    )
+    approval_http_host: str = Field(default="127.0.0.1", description="Interface of the reviewer API.")
+    approval_http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the reviewer API.")
+
+    @field_validator("approval_timeout", mode="before")
+    @classmethod
+    def _seconds_or_iso(cls, raw: Any) -> Any:
+        # pydantic reads a bare number only from JSON, not from an environment string.
+        if isinstance(raw, str) and _SECONDS.match(raw):
+            return timedelta(seconds=float(raw))
+        return raw
+
+    @field_validator("approval_timeout")
+    @classmethod
+    def _positive(cls, timeout: timedelta) -> timedelta:
+        if timeout <= timedelta(0):
+            raise ValueError("must be longer than zero")
+        return timeout
+
+    @model_validator(mode="after")
+    def _token_outside_dev(self) -> Self:
+        if self.environment != "dev" and self.approval_token is None:
+            raise ValueError(f"approval_token (CHOREO_APPROVAL_TOKEN) is required when environment={self.environment}")
+        return self
+
+    def _secrets(self) -> dict[str, SecretStr | None]:
+        return {**super()._secrets(), "approval_token": self.approval_token}
