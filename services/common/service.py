@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common.logs import configure_logging
 from services.common.processor import StreamApp, TransactionalRunner
@@ -102,7 +102,10 @@ async def serve(
         await health.stop()
 
 
-def main(settings: ChoreoSettings, app_factory: Callable[[ChoreoSettings], StreamApp]) -> None:
+Settings = TypeVar("Settings", bound=ChoreoSettings)
+
+
+def main(settings: Settings, app_factory: Callable[[Settings], StreamApp]) -> None:
     """Process entry point shared by the services' `__main__` modules."""
     configure_logging(settings.log_level)
     asyncio.run(serve(settings, app_factory(settings)))
