@@ -1,0 +1,149 @@
+"""The payment StreamApp: an order stage (charges, keyed by order) and a ledger stage (credit, keyed by customer).
+
+Both stages run in one consumer group with one changelog; a task holds the orders and the customers
+whose keys hash to its partition, and the two stages talk over `payment.ledger-requests` (by
+customer) and `payment.ledger-replies` (by order), so each piece of state changes only in its task.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.envelope import Envelope, Source, describe_validation_error
+from schemas.topics import (
+    APPROVAL_EVENTS,
+    INVENTORY_EVENTS,
+    LEDGER_REPLIES,
+    LEDGER_REQUESTS,
+    PAYMENT_STATE,
+    SHIPPING_EVENTS,
+    Topic,
+)
+from services.common.processor import Incoming, KeyedStore, TaskContext
+from services.common.saga import apply_once, decode, order_key, partition_for
+from services.common.settings import ChoreoSettings
+from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
+from services.payment.handlers import ORDER_HANDLERS, on_ledger_reply, on_ledger_request
+from services.payment.settings import PaymentSettings
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+CUSTOMER_PREFIX = "customer:"
+
+
+def customer_key(customer_id: str) -> str:
+    return f"{CUSTOMER_PREFIX}{customer_id}"
+
+
+def ledger_balances(store: KeyedStore) -> dict[str, CustomerLedger]:
+    """Every customer ledger kept in `store` (one task's state), by customer id."""
+    balances: dict[str, CustomerLedger] = {}
+    for key in sorted(store.keys()):
+        if key.startswith(CUSTOMER_PREFIX):
+            ledger = store.get(key, CustomerLedger)
+            if ledger is not None:
+                balances[ledger.customer_id] = ledger
+    return balances
+
+
+class PaymentApp:
+    name = "payment"
+    inputs: Sequence[Topic] = (INVENTORY_EVENTS, APPROVAL_EVENTS, SHIPPING_EVENTS, LEDGER_REQUESTS, LEDGER_REPLIES)
+    changelog: Topic = PAYMENT_STATE
+
+    def __init__(self, limits: CreditLimits) -> None:
+        self.limits = limits
+
+    def process(self, task: TaskContext, message: Incoming) -> None:
+        if message.topic == LEDGER_REQUESTS:
+            request = _internal(task, message, LedgerRequest, "customer_id", lambda body: body.customer_id)
+            if request is not None:
+                self._apply_ledger_request(task, request)
+        elif message.topic == LEDGER_REPLIES:
+            reply = _internal(task, message, LedgerReply, "order_id", lambda body: body.order_id)
+            if reply is not None:
+                self._apply_ledger_reply(task, message, reply)
+        else:
+            envelope = decode(task, message)
+            if envelope is not None:
+                apply_once(task, envelope, source=Source.PAYMENT, model=PaymentOrder, handlers=ORDER_HANDLERS)
+
+    def tick(self, task: TaskContext, now: datetime) -> None:
+        """Nothing is time-driven in payment."""
+
+    def _apply_ledger_request(self, task: TaskContext, request: LedgerRequest) -> None:
+        key = customer_key(request.customer_id)
+        before = task.store.get(key, CustomerLedger) or CustomerLedger(
+            customer_id=request.customer_id, credit_limit=self.limits.of(request.customer_id)
+        )
+        ledger, reply = on_ledger_request(before, request)
+        if ledger is not before:
+            task.store.put(key, ledger)
+        if reply is not None:
+            task.send(LEDGER_REPLIES, reply.order_id, reply.model_dump_json().encode())
+            if not reply.held:
+                log.info(
+                    "credit hold declined",
+                    extra={"customer_id": request.customer_id, "order_id": request.order_id, "reason": reply.reason},
+                )
+
+    def _apply_ledger_reply(self, task: TaskContext, message: Incoming, reply: LedgerReply) -> None:
+        key = order_key(reply.order_id)
+        state = task.store.get(key, PaymentOrder)
+        if state is None or state.trigger_id is None:
+            task.dead_letter(message, f"order_id: no hold was requested for order {reply.order_id!r}")
+            return
+        reaction = on_ledger_reply(state, reply)
+        # Recorded under the InventoryReserved event, so a redelivered one re-emits the outcome it led to.
+        cause = uuid.UUID(state.trigger_id)
+        emitted = [
+            Envelope.new(e, order_id=reply.order_id, source=Source.PAYMENT, cause=cause) for e in reaction.events
+        ]
+        handled = dict(reaction.state.handled)
+        if emitted:
+            handled[state.trigger_id] = handled.get(state.trigger_id, []) + [e.model_dump_json() for e in emitted]
+        task.store.put(key, reaction.state.model_copy(update={"handled": handled}))
+        for envelope in emitted:
+            task.emit(envelope)
+        for request in reaction.requests:
+            task.send(request.topic, request.key, request.body.model_dump_json().encode())
+
+
+def _internal(
+    task: TaskContext, message: Incoming, model: type[M], key_field: str, key_of: Callable[[M], str]
+) -> M | None:
+    """The internal message, or None after dead-lettering it with the reason."""
+    if message.value is None:
+        task.dead_letter(message, "value: empty message (null value)")
+        return None
+    try:
+        body = model.model_validate_json(message.value)
+    except ValidationError as error:
+        task.dead_letter(message, f"invalid {model.__name__}: {describe_validation_error(error)}")
+        return None
+    key = key_of(body).encode()
+    if message.key != key:
+        task.dead_letter(message, f"key: the record key must equal {key_field} {key_of(body)!r}")
+        return None
+    expected = partition_for(key, task.settings.partitions)
+    if expected != message.partition:
+        # Its state lives in another task; applying it here would split that state.
+        task.dead_letter(
+            message, f"partition: key {key_of(body)!r} belongs on partition {expected}, not {message.partition}"
+        )
+        return None
+    return body
+
+
+def build_app(settings: ChoreoSettings) -> PaymentApp:
+    if not isinstance(settings, PaymentSettings):
+        raise TypeError(f"the payment service needs PaymentSettings, got {type(settings).__name__}")
+    return PaymentApp(settings.credit_limits())

@@ -1,0 +1,210 @@
+"""Payment rules: the per-order charge state, the per-customer credit ledger and their messages.
+
+Pure: no Kafka here. The order stage decides whether an order is charged; the ledger stage owns a
+customer's credit and is the only place it changes, so two orders of one customer can never both
+spend the same credit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.envelope import describe_validation_error
+from schemas.events import OrderDetails
+from schemas.primitives import CustomerId, Money
+from services.common.saga import OrderState
+
+TEXT_LIMIT = 500
+_CUSTOMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+
+
+def text(value: str) -> str:
+    """`value` cut to what a contract `Text` field accepts, so a long upstream reason cannot poison our event."""
+    return value if len(value) <= TEXT_LIMIT else value[: TEXT_LIMIT - 1] + "…"
+
+
+def money(amount: Decimal) -> str:
+    return format(amount, "f")
+
+
+# --- credit configuration -----------------------------------------------------------------------
+
+
+class CustomerFileError(ValueError):
+    """The customers file is unreadable or has an invalid entry; the message names it."""
+
+
+class _CustomerCredit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    credit_limit: Money
+
+
+def load_customers(path: Path) -> dict[str, Decimal]:
+    """Credit limits by customer id from `{"<customer_id>": {"credit_limit": "<decimal string>"}}`."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CustomerFileError(f"{path}: cannot read the customers file: {error.strerror or error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CustomerFileError(f"{path}: not JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise CustomerFileError(f"{path}: expected an object of customers, got {type(document).__name__}")
+    limits: dict[str, Decimal] = {}
+    for customer_id, entry in document.items():
+        if len(customer_id) > 64 or _CUSTOMER_ID.fullmatch(customer_id) is None:
+            raise CustomerFileError(f"{path}: customer {customer_id!r}: not a valid customer id")
+        try:
+            limits[customer_id] = _CustomerCredit.model_validate(entry).credit_limit
+        except ValidationError as error:
+            raise CustomerFileError(f"{path}: customer {customer_id!r}: {describe_validation_error(error)}") from error
+    return limits
+
+
+@dataclass(frozen=True)
+class CreditLimits:
+    default: Decimal
+    customers: dict[str, Decimal] = field(default_factory=dict)
+
+    def of(self, customer_id: str) -> Decimal:
+        return self.customers.get(customer_id, self.default)
+
+
+# --- internal messages (order stage <-> ledger stage) -------------------------------------------
+
+
+class LedgerOperation(StrEnum):
+    HOLD = "hold"
+    RELEASE = "release"
+    REFUND = "refund"
+
+
+class LedgerRequest(BaseModel):
+    """Topic `payment.ledger-requests`, key customer_id: change one customer's credit for one order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    operation: LedgerOperation
+    customer_id: CustomerId
+    order_id: str = Field(min_length=1, max_length=64)
+    amount: Money = Decimal(0)
+
+
+class LedgerReply(BaseModel):
+    """Topic `payment.ledger-replies`, key order_id: the answer to a hold (releases and refunds cannot fail)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    order_id: str = Field(min_length=1, max_length=64)
+    customer_id: CustomerId
+    held: bool
+    amount: Money
+    reason: str | None = None
+
+
+# --- ledger stage: one customer's credit ----------------------------------------------------------
+
+
+class Settlement(BaseModel):
+    """How a hold ended, kept so a repeated request for the order answers without moving credit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    outcome: Literal["declined", "released", "refunded"]
+    amount: Decimal
+    reason: str | None = None
+
+
+class CustomerLedger(BaseModel):
+    """Invariants: 0 <= used <= credit_limit; used == sum(holds); charged_total - refunded_total == used."""
+
+    model_config = ConfigDict(frozen=True)
+
+    customer_id: str
+    credit_limit: Decimal
+    used: Decimal = Decimal(0)
+    charged_total: Decimal = Decimal(0)
+    refunded_total: Decimal = Decimal(0)
+    holds: dict[str, Decimal] = {}
+    settled: dict[str, Settlement] = {}
+
+    @property
+    def available(self) -> Decimal:
+        return self.credit_limit - self.used
+
+    def hold(self, order_id: str, amount: Decimal) -> tuple[CustomerLedger, LedgerReply]:
+        if order_id in self.holds:
+            return self, self._reply(order_id, self.holds[order_id], held=True)
+        if order_id in self.settled:
+            past = self.settled[order_id]
+            reason = past.reason if past.outcome == "declined" else f"hold already {past.outcome}"
+            return self, self._reply(order_id, past.amount, held=False, reason=reason)
+        if self.used + amount > self.credit_limit:
+            reason = f"credit limit exceeded: available {money(self.available)}"
+            declined = Settlement(outcome="declined", amount=amount, reason=reason)
+            ledger = self.model_copy(update={"settled": {**self.settled, order_id: declined}})
+            return ledger, self._reply(order_id, amount, held=False, reason=reason)
+        # The order stage charges exactly when a hold succeeds (unless the order was cancelled, and
+        # then it releases), so a granted hold counts as charged until released or refunded.
+        ledger = self.model_copy(
+            update={
+                "used": self.used + amount,
+                "charged_total": self.charged_total + amount,
+                "holds": {**self.holds, order_id: amount},
+            }
+        )
+        return ledger, self._reply(order_id, amount, held=True)
+
+    def release(self, order_id: str) -> CustomerLedger:
+        """Undo an authorization that was never charged; releasing an unknown hold changes nothing."""
+        amount = self.holds.get(order_id)
+        if amount is None:
+            return self
+        return self._close(order_id, amount, "released", charged_total=self.charged_total - amount)
+
+    def refund(self, order_id: str) -> CustomerLedger:
+        amount = self.holds.get(order_id)
+        if amount is None:
+            return self
+        return self._close(order_id, amount, "refunded", refunded_total=self.refunded_total + amount)
+
+    def _close(
+        self, order_id: str, amount: Decimal, outcome: Literal["released", "refunded"], **totals: Decimal
+    ) -> CustomerLedger:
+        holds = {key: value for key, value in self.holds.items() if key != order_id}
+        settled = {**self.settled, order_id: Settlement(outcome=outcome, amount=amount)}
+        return self.model_copy(update={"used": self.used - amount, "holds": holds, "settled": settled, **totals})
+
+    def _reply(self, order_id: str, amount: Decimal, *, held: bool, reason: str | None = None) -> LedgerReply:
+        return LedgerReply(order_id=order_id, customer_id=self.customer_id, held=held, amount=amount, reason=reason)
+
+
+# --- order stage: one order's charge ------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    AWAITING = "awaiting"  # InventoryReserved not seen yet
+    HOLDING = "holding"  # hold sent, no answer yet
+    CHARGED = "charged"
+    DECLINED = "declined"
+    REFUNDED = "refunded"
+    VOIDED = "voided"  # cancelled before any charge
+
+
+class PaymentOrder(OrderState):
+    phase: Phase = Phase.AWAITING
+    order: OrderDetails | None = None
+    amount: Decimal | None = None
+    # Outcomes decided by a ledger reply are caused by (and recorded under) the InventoryReserved event.
+    trigger_id: str | None = None
+    # A hold was sent and not answered yet; once answered, a further reply is a duplicate.
+    hold_pending: bool = False
+    closed_reason: str | None = None

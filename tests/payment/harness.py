@@ -1,0 +1,176 @@
+"""Drives the real payment StreamApp through real TaskContexts and in-memory KeyedStores, no broker.
+
+Records go to the task their key hashes to, like Kafka's default partitioner; internal messages the
+app sends wait in per-partition FIFO queues until delivered, so a test chooses when the ledger answers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from schemas.deadletter import DeadLetter
+from schemas.envelope import Envelope, Source
+from schemas.events import (
+    Address,
+    ApprovalDenied,
+    ApprovalTimedOut,
+    Event,
+    InventoryReserved,
+    OrderDetails,
+    OrderLine,
+    ShipmentCancelled,
+    ShippingFailed,
+)
+from schemas.topics import ALL_TOPICS, DEAD_LETTER, LEDGER_REPLIES, LEDGER_REQUESTS, Topic, topic_of
+from services.common.processor import Incoming, KeyedStore, Outgoing, TaskContext
+from services.common.saga import order_key, partition_for
+from services.payment.app import PaymentApp, customer_key, ledger_balances
+from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
+from services.payment.settings import PaymentSettings
+
+SETTINGS = PaymentSettings(topic_prefix="", partitions=6)
+TOPICS = {SETTINGS.topic(topic): topic for topic in ALL_TOPICS}
+
+
+@dataclass(frozen=True)
+class Out:
+    """One outgoing record, decoded: an Envelope, a LedgerRequest, a LedgerReply or a DeadLetter."""
+
+    topic: Topic
+    key: str
+    value: Any
+    raw: bytes
+
+
+def decode_out(out: Outgoing) -> Out:
+    topic = TOPICS[out.topic]
+    assert out.key is not None
+    assert out.value is not None
+    value: Any
+    if topic == LEDGER_REQUESTS:
+        value = LedgerRequest.model_validate_json(out.value)
+    elif topic == LEDGER_REPLIES:
+        value = LedgerReply.model_validate_json(out.value)
+    elif topic == DEAD_LETTER:
+        value = DeadLetter.model_validate_json(out.value)
+    else:
+        value = Envelope.from_bytes(out.value)
+    return Out(topic, out.key.decode(), value, out.value)
+
+
+@dataclass
+class Harness:
+    limits: dict[str, Decimal] = field(default_factory=dict)
+    default_limit: Decimal = Decimal("1000.00")
+    app: PaymentApp = field(init=False)
+    stores: defaultdict[int, KeyedStore] = field(default_factory=lambda: defaultdict(KeyedStore))
+    pending: dict[tuple[str, int], deque[Outgoing]] = field(default_factory=dict)
+    log: list[Out] = field(default_factory=list)
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.app = PaymentApp(CreditLimits(default=self.default_limit, customers=dict(self.limits)))
+
+    # --- feeding records ----------------------------------------------------------------------
+
+    def deliver(self, topic: Topic, key: bytes | None, value: bytes | None, partition: int | None = None) -> list[Out]:
+        """Process one record in its task (one committed batch); returns what it produced."""
+        if partition is None:
+            partition = partition_for(key or b"", SETTINGS.partitions)
+        store = self.stores[partition]
+        task = TaskContext(partition, SETTINGS, self.app.name, store)
+        self.offset += 1
+        self.app.process(task, Incoming(topic, partition, self.offset, key, value, 0))
+        store.commit()
+        produced = [decode_out(out) for out in task.outbox]
+        for out, decoded in zip(task.outbox, produced, strict=True):
+            if decoded.topic in (LEDGER_REQUESTS, LEDGER_REPLIES):
+                slot = (out.topic, partition_for(out.key or b"", SETTINGS.partitions))
+                self.pending.setdefault(slot, deque()).append(out)
+        self.log.extend(produced)
+        return produced
+
+    def publish(self, envelope: Envelope) -> list[Out]:
+        return self.deliver(topic_of(type(envelope.data)), envelope.key, envelope.to_bytes())
+
+    def queues(self) -> list[tuple[str, int]]:
+        return sorted(slot for slot, queue in self.pending.items() if queue)
+
+    def deliver_next(self, slot: tuple[str, int]) -> list[Out]:
+        out = self.pending[slot].popleft()
+        return self.deliver(TOPICS[out.topic], out.key, out.value)
+
+    def pump(self) -> list[Out]:
+        """Deliver internal messages until none is left (the ledger round trips)."""
+        produced: list[Out] = []
+        while slots := self.queues():
+            produced.extend(self.deliver_next(slots[0]))
+        return produced
+
+    # --- reading state and outputs ------------------------------------------------------------
+
+    def order(self, order_id: str) -> PaymentOrder | None:
+        return self._store_of(order_id).get(order_key(order_id), PaymentOrder)
+
+    def ledger(self, customer_id: str) -> CustomerLedger | None:
+        return self._store_of(customer_id).get(customer_key(customer_id), CustomerLedger)
+
+    def balances(self) -> dict[str, CustomerLedger]:
+        found: dict[str, CustomerLedger] = {}
+        for store in self.stores.values():
+            found.update(ledger_balances(store))
+        return found
+
+    def events(self, order_id: str | None = None) -> list[Envelope]:
+        return [
+            out.value
+            for out in self.log
+            if isinstance(out.value, Envelope) and (order_id is None or out.value.order_id == order_id)
+        ]
+
+    def requests(self, order_id: str | None = None) -> list[LedgerRequest]:
+        return [
+            out.value
+            for out in self.log
+            if isinstance(out.value, LedgerRequest) and (order_id is None or out.value.order_id == order_id)
+        ]
+
+    def _store_of(self, key: str) -> KeyedStore:
+        return self.stores[partition_for(key.encode(), SETTINGS.partitions)]
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+
+def details(customer_id: str = "alice", *prices: str, currency: str = "EUR") -> OrderDetails:
+    lines = [OrderLine(sku=f"sku-{n}", quantity=1, unit_price=Decimal(p)) for n, p in enumerate(prices or ("25.00",))]
+    return OrderDetails(customer_id=customer_id, items=lines, currency=currency, ship_to=Address(country="FR"))
+
+
+def envelope(event: Event, order_id: str, source: Source) -> Envelope:
+    return Envelope.new(event, order_id=order_id, source=source, cause=uuid.uuid4())
+
+
+def reserved(order_id: str, order: OrderDetails) -> Envelope:
+    return envelope(InventoryReserved(order=order), order_id, Source.INVENTORY)
+
+
+def approval_denied(order_id: str) -> Envelope:
+    return envelope(ApprovalDenied(reviewer="rita"), order_id, Source.APPROVAL)
+
+
+def approval_timed_out(order_id: str) -> Envelope:
+    return envelope(ApprovalTimedOut(deadline=datetime(2030, 1, 1, tzinfo=UTC)), order_id, Source.APPROVAL)
+
+
+def shipping_failed(order_id: str, reason: str = "destination not served") -> Envelope:
+    return envelope(ShippingFailed(reason=reason), order_id, Source.SHIPPING)
+
+
+def shipment_cancelled(order_id: str, reason: str = "changed my mind") -> Envelope:
+    return envelope(ShipmentCancelled(had_shipment=False, reason=reason), order_id, Source.SHIPPING)
