@@ -1,0 +1,160 @@
+"""The audit's per-order state and the rules that keep its output causal and free of duplicates.
+
+No Kafka here: the app turns records into `Arrival`s and writes what these rules release.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from schemas.envelope import Envelope
+from schemas.events import TERMINAL_EVENTS
+
+# Not `order:`-prefixed, so it can never collide with an order's state key.
+HELD_INDEX_KEY = "audit:held-orders"
+
+
+class HeldEvent(BaseModel):
+    """An event waiting for its cause to be written; `raw` is the record value as it arrived."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    causation_id: str | None
+    type: str
+    occurred_at: AwareDatetime
+    held_since: AwareDatetime
+    raw: str
+
+    @property
+    def order(self) -> tuple[datetime, str, str]:
+        """Siblings released together are written in this order, whatever order they arrived in."""
+        return (self.occurred_at, self.type, self.event_id)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in _TERMINAL_TYPES
+
+
+_TERMINAL_TYPES = frozenset(event.__name__ for event in TERMINAL_EVENTS)
+
+
+class AuditOrderState(BaseModel):
+    """What the audit keeps for one order (key `order:<order_id>`).
+
+    `written` lists the ids already on the audit topic, in the order they were written: that is
+    what deduplicates a re-sent event, and also what a held event's cause is looked up in.
+    `held` is empty once the order is quiet; after its terminal event (`closed`) only the ids
+    remain, so a finished order costs a few dozen bytes per event, never the events themselves.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: str
+    written: list[str] = []
+    held: dict[str, HeldEvent] = {}
+    closed: bool = False
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self.held or event_id in self.written
+
+    def oldest_hold(self) -> datetime | None:
+        return min((event.held_since for event in self.held.values()), default=None)
+
+
+class HeldIndex(BaseModel):
+    """Orders of one task that hold events, with their oldest hold, so a tick never scans every order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    orders: dict[str, AwareDatetime] = {}
+
+    def updated(self, state: AuditOrderState) -> HeldIndex:
+        oldest = state.oldest_hold()
+        orders = {key: value for key, value in self.orders.items() if key != state.order_id}
+        if oldest is not None:
+            orders[state.order_id] = oldest
+        return HeldIndex(orders=orders)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The new state and the events to write to the audit topic, in this order."""
+
+    state: AuditOrderState
+    written: tuple[HeldEvent, ...] = ()
+    forced: tuple[HeldEvent, ...] = ()
+    duplicate: bool = False
+
+
+def arrival(envelope: Envelope, raw: bytes | None, now: datetime) -> HeldEvent:
+    """The event as the audit keeps it: the original bytes when they are UTF-8 JSON, else re-serialized."""
+    text: str | None = None
+    if raw is not None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+    if text is None:
+        text = envelope.model_dump_json()
+    return HeldEvent(
+        event_id=str(envelope.event_id),
+        causation_id=str(envelope.causation_id) if envelope.causation_id is not None else None,
+        type=envelope.type,
+        occurred_at=envelope.occurred_at,
+        held_since=now,
+        raw=text,
+    )
+
+
+def write_with_consequences(state: AuditOrderState, ready: Iterable[HeldEvent]) -> Outcome:
+    """Write `ready`, then every held event each written one caused, recursively.
+
+    A heap keyed by (occurred_at, type, id) makes the output the same whatever order the events
+    arrived in, and an event enters it only after its cause was written, so causality holds.
+    """
+    held = dict(state.held)
+    written = list(state.written)
+    closed = state.closed
+    tiebreak = itertools.count()  # the same event may be queued twice; never compare models
+    heap = [(event.order, next(tiebreak), event) for event in ready]
+    heapq.heapify(heap)
+    out: list[HeldEvent] = []
+    while heap:
+        _, _, event = heapq.heappop(heap)
+        if event.event_id in written:
+            continue
+        held.pop(event.event_id, None)
+        written.append(event.event_id)
+        closed = closed or event.terminal
+        out.append(event)
+        for child in [held_event for held_event in held.values() if held_event.causation_id == event.event_id]:
+            heapq.heappush(heap, (child.order, next(tiebreak), child))
+    new_state = state.model_copy(update={"held": held, "written": written, "closed": closed})
+    return Outcome(state=compacted(new_state), written=tuple(out))
+
+
+def compacted(state: AuditOrderState) -> AuditOrderState:
+    """A closed order with nothing held keeps only its ids: enough to recognise a late duplicate."""
+    if state.closed and not state.held:
+        return AuditOrderState(order_id=state.order_id, written=state.written, closed=True)
+    return state
+
+
+def chain_root(state: AuditOrderState, event: HeldEvent) -> HeldEvent:
+    """The earliest held ancestor of `event`: the one whose own cause is missing (or, on a cycle, where it loops)."""
+    visited = {event.event_id}
+    current = event
+    while current.causation_id is not None and current.causation_id in state.held:
+        parent = state.held[current.causation_id]
+        if parent.event_id in visited:
+            break
+        visited.add(parent.event_id)
+        current = parent
+    return current
