@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from schemas.envelope import ContractError, Envelope
 from schemas.topics import AUDIT
@@ -19,6 +19,7 @@ from services.audit.timeline import OrderStatus, event_line, order_status, timel
 from services.common.kafka import consumer as make_consumer
 from services.common.saga import partition_for
 from services.common.settings import ChoreoSettings
+from services.common.topics import describe_topics
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ async def follow(
     settings: ChoreoSettings, *, order_id: str | None = None, from_beginning: bool = False
 ) -> AsyncIterator[Envelope]:
     """Audited events as they are committed, forever; from now on unless `from_beginning`."""
+    partitions = await _partitions(settings, order_id)
     consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = await _partitions(consumer, settings, order_id)
         consumer.assign(partitions)
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
@@ -82,10 +83,10 @@ async def follow(
 
 
 async def _read_to_end(settings: ChoreoSettings, order_id: str | None, stall_timeout: float) -> list[Envelope]:
+    partitions = await _partitions(settings, order_id)
     consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = await _partitions(consumer, settings, order_id)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         # Under read_committed these are the last stable offsets: an open transaction cannot make us wait.
@@ -108,20 +109,19 @@ async def _read_to_end(settings: ChoreoSettings, order_id: str | None, stall_tim
         await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, settings: ChoreoSettings, order_id: str | None) -> list[Any]:
+async def _partitions(settings: ChoreoSettings, order_id: str | None) -> list[TopicPartition]:
     """All partitions of the audit topic, or only the one an order's key hashes to."""
+    described = await describe_topics(settings, [AUDIT])
     name = settings.topic(AUDIT)
-    if name not in await consumer.topics():
+    if not described or described[0].partitions < 1:
         raise AuditTopicMissingError(
             f"topic {name} does not exist: run `choreo topics create` and start the audit service"
         )
-    numbers = sorted(consumer.partitions_for_topic(name) or ())
-    if not numbers:
-        raise AuditTopicMissingError(f"topic {name} has no partitions")
+    count = described[0].partitions
     if order_id is not None:
         # The audit is keyed by order id with Kafka's default partitioner, like every saga topic.
-        numbers = [partition_for(order_id.encode(), len(numbers))]
-    return [TopicPartition(name, number) for number in numbers]
+        return [TopicPartition(name, partition_for(order_id.encode(), count))]
+    return [TopicPartition(name, number) for number in range(count)]
 
 
 def _parse(records: Iterable[Any]) -> list[Envelope]:
