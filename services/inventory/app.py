@@ -1,0 +1,144 @@
+"""The inventory StreamApp: routes each record to the order stage or the SKU stage, and wiring."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.envelope import Envelope, Source, describe_validation_error
+from schemas.topics import (
+    INVENTORY_STATE,
+    ORDERS,
+    PAYMENT_EVENTS,
+    SHIPPING_EVENTS,
+    STOCK_REPLIES,
+    STOCK_REQUESTS,
+    Topic,
+)
+from services.common.processor import Incoming, KeyedStore, TaskContext
+from services.common.saga import apply_once, decode, order_key, partition_for
+from services.inventory.domain import InventoryOrder, SkuStock, StockReply, StockRequest, load_catalog, sku_key
+from services.inventory.handlers import SAGA_HANDLERS, stock_replied, stock_requested
+from services.inventory.settings import InventorySettings
+
+log = logging.getLogger(__name__)
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+class InventoryApp:
+    name = "inventory"
+    # OrderCancellationRequested, PaymentCharged and the other shipping events are read but have no
+    # handler: a cancellation reaches inventory through payment, and only a completion moves stock.
+    inputs: Sequence[Topic] = (ORDERS, PAYMENT_EVENTS, SHIPPING_EVENTS, STOCK_REQUESTS, STOCK_REPLIES)
+    changelog = INVENTORY_STATE
+
+    def __init__(self, catalog: Mapping[str, int]) -> None:
+        self.catalog = dict(catalog)
+
+    def process(self, task: TaskContext, message: Incoming) -> None:
+        if message.topic.name == STOCK_REQUESTS.name:
+            self._stock_request(task, message)
+        elif message.topic.name == STOCK_REPLIES.name:
+            self._stock_reply(task, message)
+        else:
+            envelope = decode(task, message)
+            if envelope is not None:
+                apply_once(task, envelope, source=Source.INVENTORY, model=InventoryOrder, handlers=SAGA_HANDLERS)
+
+    def tick(self, task: TaskContext, now: datetime) -> None:
+        """Inventory has no deadlines."""
+
+    def _stock_request(self, task: TaskContext, message: Incoming) -> None:
+        request = _internal(task, message, StockRequest, lambda body: body.sku)
+        if request is None:
+            return
+        key = sku_key(request.sku)
+        stock = task.store.get(key, SkuStock) or SkuStock.fresh(request.sku, self.catalog.get(request.sku, 0))
+        change = stock_requested(stock, request)
+        # An untouched SKU is not stored: it is its catalog entry, and unknown SKUs leave no trace.
+        if change.stock != stock:
+            task.store.put(key, change.stock)
+        if change.reply is not None:
+            task.send(STOCK_REPLIES, change.reply.order_id, change.reply.model_dump_json().encode())
+
+    def _stock_reply(self, task: TaskContext, message: Incoming) -> None:
+        reply = _internal(task, message, StockReply, lambda body: body.order_id)
+        if reply is None:
+            return
+        key = order_key(reply.order_id)
+        state = task.store.get(key, InventoryOrder) or InventoryOrder(order_id=reply.order_id)
+        settled = stock_replied(state, reply)
+        new_state = settled.reaction.state
+        emitted: list[Envelope] = []
+        if settled.cause is not None and settled.reaction.events:
+            cause = uuid.UUID(settled.cause)
+            emitted = [
+                Envelope.new(event, order_id=reply.order_id, source=Source.INVENTORY, cause=cause)
+                for event in settled.reaction.events
+            ]
+            # The saga event that caused these was recorded as handled with no output when it arrived;
+            # adding them there makes a later duplicate of it re-emit exactly these envelopes.
+            earlier = new_state.handled.get(settled.cause, [])
+            handled = {**new_state.handled, settled.cause: [*earlier, *(e.model_dump_json() for e in emitted)]}
+            new_state = new_state.model_copy(update={"handled": handled})
+            log.info(
+                "reservation settled",
+                extra={
+                    "order_id": reply.order_id,
+                    "status": new_state.status.value,
+                    "events": [e.type for e in emitted],
+                },
+            )
+        if new_state != state:
+            task.store.put(key, new_state)
+        for envelope in emitted:
+            task.emit(envelope)
+        for request in settled.reaction.requests:
+            task.send(request.topic, request.key, request.body.model_dump_json().encode())
+
+
+def _internal(task: TaskContext, message: Incoming, model: type[Body], key_of: Callable[[Body], str]) -> Body | None:
+    """The internal message, or None after dead-lettering it with the reason."""
+    if message.value is None:
+        task.dead_letter(message, "value: empty message (null value)")
+        return None
+    try:
+        body = model.model_validate_json(message.value)
+    except ValidationError as error:
+        task.dead_letter(message, f"invalid {model.__name__}: {describe_validation_error(error)}")
+        return None
+    key = key_of(body)
+    if message.key != key.encode():
+        task.dead_letter(message, f"key: the record key must be {key!r}")
+        return None
+    expected = partition_for(message.key, task.settings.partitions)
+    if expected != message.partition:
+        # Another task owns this key's state; acting here would split it.
+        task.dead_letter(message, f"partition: key {key!r} belongs on partition {expected}, not {message.partition}")
+        return None
+    return body
+
+
+def build_app(settings: InventorySettings) -> InventoryApp:
+    """The app with its catalog loaded; raises CatalogError naming the bad entry."""
+    catalog = load_catalog(settings.inventory_catalog)
+    log.info("catalog loaded", extra={"path": str(settings.inventory_catalog), "skus": len(catalog)})
+    return InventoryApp(catalog)
+
+
+def stock_levels(*stores: KeyedStore, catalog: Mapping[str, int] | None = None) -> dict[str, SkuStock]:
+    """Every SKU's stock found in `stores` (one per task), by SKU; with `catalog`, untouched SKUs too."""
+    levels: dict[str, SkuStock] = {sku: SkuStock.fresh(sku, initial) for sku, initial in (catalog or {}).items()}
+    for store in stores:
+        keys = store.keys()  # KeyedStore has no __iter__, so `for key in store` would not work
+        for key in keys:
+            stock = store.get(key, SkuStock) if key.startswith("sku:") else None
+            if stock is not None:
+                levels[stock.sku] = stock
+    return dict(sorted(levels.items()))
