@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from services.cli.audit_cmd import add_audit_commands
 from services.cli.broker_cmd import add_broker_commands
 from services.cli.publish_cmd import InvalidCommandError, add_publish_commands
 from services.cli.schemas_cmd import add_schemas_commands
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_topics_commands(commands)
     add_publish_commands(commands)
     add_schemas_commands(commands)
+    add_audit_commands(commands)
     add_stack_commands(commands)
     return parser
 

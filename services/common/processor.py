@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -257,6 +258,18 @@ class TransactionalRunner:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def lag(self) -> int:
+        """Records committed on the inputs but not yet processed by this instance."""
+        consumer = self._consumer
+        if consumer is None or not self._assigned.is_set():
+            return -1
+        assignment = list(consumer.assignment())
+        ends = await consumer.end_offsets(assignment)
+        behind = 0
+        for tp in assignment:
+            behind += max(0, ends[tp] - await consumer.position(tp))
+        return behind
+
     async def wait_assigned(self) -> None:
         await self._assigned.wait()
 
@@ -277,15 +290,21 @@ class TransactionalRunner:
             self.stats.records += sum(len(rows) for rows in task_records.values())
 
     def _handle_records(self, context: TaskContext, records: dict[TopicPartition, list[Any]]) -> None:
-        for tp, rows in records.items():
-            topic = self._topics_by_name[tp.topic]
-            for row in rows:
-                message = Incoming(topic, tp.partition, row.offset, row.key, row.value, row.timestamp)
-                try:
-                    self.app.process(context, message)
-                except Exception as error:  # a handler bug must not block the partition: keep the message
-                    log.exception("handler failed", extra={"service": self.app.name, "offset": row.offset})
-                    context.dead_letter(message, f"handler error: {error!r}")
+        # One task reads several topics; merging them by record timestamp (each partition stays in
+        # offset order) lets a service see an order's events in the order they happened whenever
+        # they arrive in one batch, as Kafka Streams does.
+        streams = [
+            [(row.timestamp, index, tp, row) for row in rows] for index, (tp, rows) in enumerate(records.items())
+        ]
+        for _timestamp, _index, tp, row in heapq.merge(*streams, key=lambda item: (item[0], item[1])):
+            message = Incoming(
+                self._topics_by_name[tp.topic], tp.partition, row.offset, row.key, row.value, row.timestamp
+            )
+            try:
+                self.app.process(context, message)
+            except Exception as error:  # a handler bug must not block the partition: keep the message
+                log.exception("handler failed", extra={"service": self.app.name, "offset": row.offset})
+                context.dead_letter(message, f"handler error: {error!r}")
 
     async def _maybe_tick(self) -> None:
         now = time.monotonic()
@@ -336,55 +355,50 @@ class TransactionalRunner:
     # --- task lifecycle -----------------------------------------------------------------------
 
     async def _open_tasks(self, partitions: Sequence[int]) -> None:
-        for partition in partitions:
-            if partition in self._tasks:
-                continue
-            producer = make_producer(
-                self.settings,
-                transactional_id=f"{self.group_id}-task-{partition}",
-                linger_ms=2,
-            )
-            # Starting the producer fences the task's previous owner and settles its open transaction,
-            # so what we read back from the changelog next is exactly what was committed.
-            await producer.start()
-            store = KeyedStore()
-            self.stats.restored_records += await self._restore(partition, store)
-            self._tasks[partition] = _Task(partition, producer, store)
-        await self._seek_to_committed(partitions)
+        new = [partition for partition in partitions if partition not in self._tasks]
+        if not new:
+            return
+        # Starting a task's producer fences its previous owner and settles that owner's open
+        # transaction, so what we then read back from the changelog is exactly what was committed.
+        # The consumer resumes from the committed offsets itself; should it read them a moment
+        # before a zombie's last commit completes, reprocessing derives the same event ids and
+        # every consumer deduplicates on them.
+        producers = [
+            make_producer(self.settings, transactional_id=f"{self.group_id}-task-{partition}", linger_ms=2)
+            for partition in new
+        ]
+        await asyncio.gather(*(producer.start() for producer in producers))
+        stores = await self._restore(new)
+        for partition, producer in zip(new, producers, strict=True):
+            self._tasks[partition] = _Task(partition, producer, stores[partition])
 
-    async def _restore(self, partition: int, store: KeyedStore) -> int:
-        tp = TopicPartition(self.settings.topic(self.app.changelog), partition)
+    async def _restore(self, partitions: Sequence[int]) -> dict[int, KeyedStore]:
+        changelog = self.settings.topic(self.app.changelog)
+        stores = {partition: KeyedStore() for partition in partitions}
+        tps = [TopicPartition(changelog, partition) for partition in partitions]
         reader = make_consumer(self.settings, group_id=None, enable_auto_commit=False)
         await reader.start()
         count = 0
         try:
-            reader.assign([tp])
-            end = (await reader.end_offsets([tp]))[tp]
-            await reader.seek_to_beginning(tp)
-            while await reader.position(tp) < end:
-                batch = await reader.getmany(tp, timeout_ms=500)
-                for record in batch.get(tp, []):
-                    store.restore(record.key.decode(), record.value)
-                    count += 1
+            reader.assign(tps)
+            ends = await reader.end_offsets(tps)
+            await reader.seek_to_beginning(*tps)
+            pending = {tp for tp in tps if ends[tp] > 0}
+            while pending:
+                batch = await reader.getmany(*pending, timeout_ms=500)
+                for tp, records in batch.items():
+                    for record in records:
+                        stores[tp.partition].restore(record.key.decode(), record.value)
+                    count += len(records)
+                pending = {tp for tp in pending if await reader.position(tp) < ends[tp]}
         finally:
             await reader.stop()
+        self.stats.restored_records += count
         log.info(
             "restored task state",
-            extra={"service": self.app.name, "partition": partition, "records": count, "keys": len(store)},
+            extra={"service": self.app.name, "partitions": list(partitions), "records": count},
         )
-        return count
-
-    async def _seek_to_committed(self, partitions: Sequence[int]) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        for tp in consumer.assignment():
-            if tp.partition not in partitions:
-                continue
-            committed = await consumer.committed(tp)
-            if committed is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
+        return stores
 
     async def _close_tasks(self, partitions: Sequence[int]) -> None:
         for partition in partitions:
