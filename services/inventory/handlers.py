@@ -98,9 +98,10 @@ def _cancel(state: InventoryOrder, envelope: Envelope, reason: str) -> OrderReac
         closed = state.model_copy(update={"status": OrderStatus.CANCELLED})
         return Reaction(closed, events=(OrderCancelled(reason=reason),))
     if state.status is OrderStatus.RESERVING and state.cancellation is None:
-        # Holds are in flight: the last reply releases them, with this event as the cause.
+        # The reservation was never announced, so there is nothing public to compensate: the order
+        # ends now, and the holds still in flight are given back quietly as their replies arrive.
         pending = Cancellation(reason=reason, trigger_id=str(envelope.event_id))
-        return Reaction(state.model_copy(update={"cancellation": pending}))
+        return Reaction(state.model_copy(update={"cancellation": pending}), events=(OrderCancelled(reason=reason),))
     if state.status is OrderStatus.RESERVED:
         return Reaction(
             state.model_copy(update={"status": OrderStatus.RELEASED}),
@@ -160,15 +161,9 @@ def stock_replied(state: InventoryOrder, reply: StockReply) -> Settled:
 def _settle(state: InventoryOrder) -> Settled:
     """Every SKU answered: reserved, rejected, or cancelled meanwhile."""
     if state.cancellation is not None:
-        reason = state.cancellation.reason
-        released = (InventoryReleased(items=state.stock_lines(), reason=reason),) if state.held else ()
-        closed = OrderStatus.RELEASED if state.held else OrderStatus.CANCELLED
+        # OrderCancelled went out when the cancellation arrived; only the holds remain to give back.
         return Settled(
-            Reaction(
-                state.model_copy(update={"status": closed}),
-                events=(*released, OrderCancelled(reason=reason)),
-                requests=_release_all(state),
-            ),
+            Reaction(state.model_copy(update={"status": OrderStatus.CANCELLED}), requests=_release_all(state)),
             cause=state.cancellation.trigger_id,
         )
     if state.shortages:

@@ -267,14 +267,16 @@ def test_a_void_before_the_order_is_seen_cancels_at_once_and_the_late_order_is_i
     assert state.status is OrderStatus.CANCELLED
 
 
-def test_a_void_while_holds_are_in_flight_waits_for_the_replies_then_releases_what_was_held() -> None:
+def test_a_void_while_holds_are_in_flight_cancels_at_once_and_returns_the_holds_quietly() -> None:
     cluster = Cluster()
     cluster.deliver(placed("o-1", ("WIDGET-1", 2), ("LIMITED-1", 9)))  # LIMITED-1 will be short
     void = voided("o-1")
 
     step = cluster.deliver(void)
 
-    assert step.empty  # the replies are still to come
+    # The reservation was never announced, so nothing public is released: the order just ends.
+    assert step.types == ["OrderCancelled"]
+    assert step.events[0].envelope.causation_id == void.event_id
     state = cluster.order("o-1")
     assert state is not None
     assert state.status is OrderStatus.RESERVING
@@ -282,26 +284,21 @@ def test_a_void_while_holds_are_in_flight_waits_for_the_replies_then_releases_wh
 
     outcome = cluster.settle()
 
-    # no InventoryReserved/Rejected: the order is cancelled; the release names only what had been held
-    assert outcome.types == ["InventoryReleased", "OrderCancelled"]
-    assert outcome.events[0].envelope.data == InventoryReleased(
-        items=[StockLine(sku="WIDGET-1", quantity=2)], reason="cancelled: customer request"
-    )
-    assert {p.envelope.causation_id for p in outcome.events} == {void.event_id}
+    assert outcome.types == []
     assert stock(cluster, "WIDGET-1") == (1000, 0, 0)
     state = cluster.order("o-1")
     assert state is not None
-    assert state.status is OrderStatus.RELEASED
+    assert state.status is OrderStatus.CANCELLED
 
 
 def test_a_void_while_holds_are_in_flight_that_all_fail_only_cancels() -> None:
     cluster = Cluster()
     cluster.deliver(placed("o-1", ("EMPTY-1", 1)))
-    cluster.deliver(voided("o-1"))
+    assert cluster.deliver(voided("o-1")).types == ["OrderCancelled"]
 
     outcome = cluster.settle()
 
-    assert outcome.types == ["OrderCancelled"]
+    assert outcome.types == []
     state = cluster.order("o-1")
     assert state is not None
     assert state.status is OrderStatus.CANCELLED
@@ -377,13 +374,13 @@ def test_a_duplicate_rejected_order_re_emits_the_rejection_and_the_cancellation(
     assert [p.envelope for p in cluster.deliver(order).events] == first
 
 
-def test_a_duplicate_void_that_arrived_during_the_reservation_re_emits_the_eventual_release() -> None:
+def test_a_duplicate_void_that_arrived_during_the_reservation_re_emits_the_cancellation() -> None:
     cluster = Cluster()
     cluster.deliver(placed("o-1", ("WIDGET-1", 3)))
     void = voided("o-1")
-    assert cluster.deliver(void).empty
-    first = [p.envelope for p in cluster.settle().events]
-    assert [e.type for e in first] == ["InventoryReleased", "OrderCancelled"]
+    first = [p.envelope for p in cluster.deliver(void).events]
+    assert [e.type for e in first] == ["OrderCancelled"]
+    assert cluster.settle().types == []
 
     again = cluster.deliver(void)
 
