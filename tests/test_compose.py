@@ -49,7 +49,8 @@ def _healthcheck_command(service: dict[str, Any]) -> str:
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict[str, Any]]:
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(compose, dict) and isinstance(compose.get("services"), dict), "no services in docker-compose.yml"
+    assert isinstance(compose, dict), "docker-compose.yml is not a mapping"
+    assert isinstance(compose.get("services"), dict), "no services in docker-compose.yml"
     services: dict[str, dict[str, Any]] = compose["services"]
     return services
 
@@ -91,7 +92,8 @@ def test_kafka_listens_inside_and_on_the_host(
     environment = _environment(kafka)
     assert environment["KAFKA_PROCESS_ROLES"] == "broker,controller"
     advertised = environment["KAFKA_ADVERTISED_LISTENERS"]
-    assert f"//{INTERNAL_BOOTSTRAP}" in advertised and "//localhost:9092" in advertised
+    assert f"//{INTERNAL_BOOTSTRAP}" in advertised
+    assert "//localhost:9092" in advertised
     assert "9092:9092" in [str(port) for port in kafka.get("ports", [])]
     assert environment["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     for key in (
@@ -105,7 +107,8 @@ def test_kafka_listens_inside_and_on_the_host(
 def test_cluster_id_is_a_base64_uuid(services: dict[str, dict[str, Any]]) -> None:
     """`kafka-storage.sh format` refuses anything but 16 bytes in URL-safe base64 (22 characters)."""
     cluster_id = _environment(services["kafka"])["CLUSTER_ID"]
-    assert len(cluster_id) == 22 and not cluster_id.startswith("-")
+    assert len(cluster_id) == 22
+    assert not cluster_id.startswith("-")
     assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
 
 

@@ -211,11 +211,11 @@ class OrderStatus(StrEnum):
     SHIPPED = "shipped"
     """The order completed; its holds became shipped stock. Closed."""
     CANCELLED = "cancelled"
-    """Cancelled with nothing held (before OrderPlaced, or every hold failed). Closed."""
+    """Cancelled before any reservation was announced (before OrderPlaced, or while holds were in flight). Closed."""
 
 
 class Cancellation(BaseModel):
-    """A cancellation that arrived while holds were in flight; applied when the last reply comes in."""
+    """A cancellation that arrived while holds were in flight: cancelled at once, holds given back later."""
 
     model_config = ConfigDict(frozen=True)
 
