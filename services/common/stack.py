@@ -40,7 +40,14 @@ class ServiceProcess:
 
 def available_services() -> list[str]:
     """The services of this checkout that can run as `python -m services.<name>`."""
-    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}.__main__") is not None]
+    return [name for name in SERVICES if _runnable(name)]
+
+
+def _runnable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"services.{name}.__main__") is not None
+    except ModuleNotFoundError:  # the service's package itself does not exist in this checkout
+        return False
 
 
 def _pid_file(name: str) -> Path:
@@ -96,10 +103,6 @@ def spawn(settings: ChoreoSettings, names: Sequence[str], *, detach: bool) -> li
 def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *, start_broker: bool) -> int:
     """Run everything until Ctrl-C or SIGTERM, then stop the services and the broker cleanly."""
     broker = LocalBroker(broker_settings)
-    settings = prepare(settings, broker, start_broker=start_broker)
-    names = available_services()
-    processes = [service.process for service in spawn(settings, names, detach=False)]
-    log.warning("stack running: %s; Ctrl-C stops it", ", ".join(names) or "no services yet")
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -107,8 +110,13 @@ def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *,
         stopping = True
 
     previous = signal.signal(signal.SIGTERM, request_stop)
+    processes: list[subprocess.Popen[bytes]] = []
     exit_code = 0
     try:
+        settings = prepare(settings, broker, start_broker=start_broker)
+        names = available_services()
+        processes = [service.process for service in spawn(settings, names, detach=False)]
+        log.warning("stack running: %s; Ctrl-C stops it", ", ".join(names))
         while not stopping:
             crashed = [(name, p.returncode) for name, p in zip(names, processes, strict=True) if p.poll() is not None]
             if crashed:
