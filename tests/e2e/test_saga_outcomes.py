@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope, Source
 from schemas.events import Address, OrderCancellationRequested, OrderLine, OrderPlaced
+from schemas.topics import DEAD_LETTER, ORDERS
 from services.common.publisher import publish
+from services.common.saga import partition_for
 from services.common.settings import ChoreoSettings
 from tests.e2e.harness import SagaStack, audit_by_order, terminal_count, timeline, wait_for_events
+from tests.support import eventually, read_topic
 
 HAPPY = ["OrderPlaced", "InventoryReserved", "PaymentCharged", "ApprovalGranted", "ShipmentScheduled", "OrderCompleted"]
 
@@ -160,3 +167,37 @@ async def test_a_duplicated_order_has_no_second_effect(stack: SagaStack, choreo_
     await publish(choreo_settings, [placed])
     await stack.settle()
     assert await timeline(choreo_settings, "o-dup") == HAPPY
+
+
+async def test_poison_is_dead_lettered_and_the_partition_keeps_flowing(
+    stack: SagaStack, choreo_settings: ChoreoSettings
+) -> None:
+    await stack.start()
+    placed = order("o-after-poison")
+    unknown_type = placed.model_dump(mode="json") | {"type": "OrderTeleported"}
+    invalid = placed.model_dump(mode="json")
+    invalid["data"]["items"][0]["quantity"] = 0
+    poison = [b"not json at all", json.dumps(unknown_type).encode(), json.dumps(invalid).encode()]
+    producer = AIOKafkaProducer(**choreo_settings.kafka_options())
+    await producer.start()
+    try:
+        partition = partition_for(placed.key, choreo_settings.partitions)
+        for value in poison:  # same key and partition as the good order that follows
+            await producer.send_and_wait(choreo_settings.topic(ORDERS), value, key=placed.key, partition=partition)
+    finally:
+        await producer.stop()
+    await publish(choreo_settings, [placed])
+
+    assert await finished(choreo_settings, "o-after-poison", "OrderCompleted") == HAPPY
+
+    async def dead_letters() -> list[DeadLetter]:
+        return [DeadLetter.model_validate_json(r.value) for r in await read_topic(choreo_settings, DEAD_LETTER)]
+
+    # every service that reads `orders` (audit, shipping, approval, inventory) keeps each one
+    letters = await eventually(dead_letters, lambda found: len(found) >= 12)
+    by_value = {base64.b64decode(letter.value_base64 or ""): letter for letter in letters}
+    assert set(by_value) == set(poison)
+    assert "not JSON" in by_value[poison[0]].reason
+    assert "unknown event type 'OrderTeleported'" in by_value[poison[1]].reason
+    assert "data.items.0.quantity" in by_value[poison[2]].reason
+    assert {letter.consumer for letter in letters} == {"audit", "shipping", "approval", "inventory"}
