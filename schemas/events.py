@@ -252,6 +252,33 @@ class OrderCancellationRefused(Event):
     reason: Text
 
 
+# --- monitor (topic `monitor.alerts`; the key is the subject: `service:<name>` or the order id) -----
+
+
+class ServiceDegraded(Event):
+    """A service failed its health checks; the monitor now checks it more often."""
+
+    service: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    reason: Text
+    consecutive_failures: Annotated[int, Field(ge=1)]
+    last_seen: AwareDatetime | None = None
+
+
+class ServiceRecovered(Event):
+    """A degraded service passed its health check again."""
+
+    service: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    degraded_for_seconds: Annotated[float, Field(ge=0)]
+
+
+class SagaStuck(Event):
+    """An order has not reached a terminal event within the SLA. Raised once per order."""
+
+    sla_seconds: Annotated[float, Field(gt=0)]
+    open_for_seconds: Annotated[float, Field(ge=0)]
+    last_event_type: str
+
+
 def _all_event_types() -> dict[str, type[Event]]:
     found: dict[str, type[Event]] = {}
     pending: list[type[Event]] = list(Event.__subclasses__())
@@ -264,3 +291,4 @@ def _all_event_types() -> dict[str, type[Event]]:
 
 EVENT_TYPES: dict[str, type[Event]] = _all_event_types()
 TERMINAL_EVENTS: frozenset[type[Event]] = frozenset({OrderCompleted, OrderCancelled})
+MONITOR_EVENTS: frozenset[type[Event]] = frozenset({ServiceDegraded, ServiceRecovered, SagaStuck})

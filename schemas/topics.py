@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 from schemas.events import (
     EVENT_TYPES,
+    MONITOR_EVENTS,
     ApprovalDecisionIgnored,
     ApprovalDecisionSubmitted,
     ApprovalDenied,
@@ -32,6 +33,9 @@ from schemas.events import (
     PaymentDeclined,
     PaymentRefunded,
     PaymentVoided,
+    SagaStuck,
+    ServiceDegraded,
+    ServiceRecovered,
     ShipmentCancelled,
     ShipmentScheduled,
     ShippingFailed,
@@ -118,8 +122,17 @@ AUDIT = Topic(
     key="order_id",
     value=ENVELOPE,
     description="Every saga event exactly once, keyed by order: each order's timeline in order.",
-    events=tuple(EVENT_TYPES.values()),
+    events=tuple(event for event in EVENT_TYPES.values() if event not in MONITOR_EVENTS),
     config=_DELETE,
+)
+MONITOR_ALERTS = Topic(
+    "monitor.alerts",
+    key="the subject: `service:<name>` for service health, the order id for SagaStuck",
+    value=ENVELOPE + "; `order_id` holds the same subject",
+    description="Health and SLA alerts raised by the monitor.",
+    events=(ServiceDegraded, ServiceRecovered, SagaStuck),
+    config=_DELETE,
+    partitioned_by_order=False,
 )
 MONITOR_STATE = Topic(
     "monitor.state",
@@ -146,7 +159,8 @@ SAGA_TOPICS: tuple[Topic, ...] = (
     APPROVAL_DECISIONS,
     SHIPPING_EVENTS,
 )
-PUBLIC_TOPICS: tuple[Topic, ...] = (*SAGA_TOPICS, AUDIT, MONITOR_STATE, DEAD_LETTER)
+PUBLIC_TOPICS: tuple[Topic, ...] = (*SAGA_TOPICS, AUDIT, MONITOR_ALERTS, MONITOR_STATE, DEAD_LETTER)
+EVENT_TOPICS: tuple[Topic, ...] = (*SAGA_TOPICS, MONITOR_ALERTS)
 
 
 def _changelog(service: str) -> Topic:
@@ -193,8 +207,8 @@ ALL_TOPICS: tuple[Topic, ...] = (*PUBLIC_TOPICS, *INTERNAL_TOPICS)
 
 
 def topic_of(event_type: type[Event]) -> Topic:
-    """The saga topic an event type is published on."""
-    for topic in SAGA_TOPICS:
+    """The topic an event type is published on."""
+    for topic in EVENT_TOPICS:
         if event_type in topic.events:
             return topic
-    raise KeyError(f"{event_type.__name__} is published on no saga topic")
+    raise KeyError(f"{event_type.__name__} is published on no topic")
