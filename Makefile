@@ -6,7 +6,6 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-CLASSPATH_STAMP := .run/broker/classpath.txt
 
 .PHONY: help setup run up down test lint typecheck contract-check compose-check unit clean
 
@@ -26,6 +25,7 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(INSTALLED)
+	bash scripts/install-system-packages.sh
 	$(BIN)/choreo broker fetch
 
 run: setup
