@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 Model = TypeVar("Model", bound=BaseModel)
 
+FETCH_MAX_WAIT_MS = 100
+# The broker answers CONCURRENT_TRANSACTIONS while it still writes the previous commit's markers;
+# retrying after the default 100 ms would add that much to every hop.
+TRANSACTION_RETRY_BACKOFF_MS = 20
+
 
 @dataclass(frozen=True)
 class Incoming:
@@ -238,6 +243,8 @@ class TransactionalRunner:
             group_id=self.group_id,
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_records=self.max_batch,
+            # A saga is a chain of hops; a short fetch wait keeps each hop's latency low.
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._consumer = consumer
         consumer.subscribe(list(self._topics_by_name), listener=_Rebalance(self))
@@ -280,14 +287,20 @@ class TransactionalRunner:
         for tp, records in batch.items():
             if records and tp.partition in self._tasks:
                 by_task.setdefault(tp.partition, {})[tp] = records
-        for partition, task_records in by_task.items():
-            await self._in_transaction(
-                partition,
-                functools.partial(self._handle_records, records=task_records),
-                offsets={tp: rows[-1].offset + 1 for tp, rows in task_records.items()},
+        # Tasks share nothing (own producer, own state, own partitions), so their transactions
+        # run concurrently: a batch costs one transaction's round trips, not one per partition.
+        await asyncio.gather(
+            *(
+                self._in_transaction(
+                    partition,
+                    functools.partial(self._handle_records, records=task_records),
+                    offsets={tp: rows[-1].offset + 1 for tp, rows in task_records.items()},
+                )
+                for partition, task_records in by_task.items()
             )
-            self.stats.batches += 1
-            self.stats.records += sum(len(rows) for rows in task_records.values())
+        )
+        self.stats.batches += len(by_task)
+        self.stats.records += sum(len(rows) for task_records in by_task.values() for rows in task_records.values())
 
     def _handle_records(self, context: TaskContext, records: dict[TopicPartition, list[Any]]) -> None:
         # One task reads several topics; merging them by record timestamp (each partition stays in
@@ -311,8 +324,13 @@ class TransactionalRunner:
         if now - self._last_tick < self.tick_interval:
             return
         self._last_tick = now
-        for partition in list(self._tasks):
-            await self._in_transaction(partition, lambda context: self.app.tick(context, self.clock()), offsets={})
+        now_utc = self.clock()
+        await asyncio.gather(
+            *(
+                self._in_transaction(partition, lambda context: self.app.tick(context, now_utc), offsets={})
+                for partition in list(self._tasks)
+            )
+        )
 
     async def _in_transaction(
         self,
@@ -364,7 +382,12 @@ class TransactionalRunner:
         # before a zombie's last commit completes, reprocessing derives the same event ids and
         # every consumer deduplicates on them.
         producers = [
-            make_producer(self.settings, transactional_id=f"{self.group_id}-task-{partition}", linger_ms=2)
+            make_producer(
+                self.settings,
+                transactional_id=f"{self.group_id}-task-{partition}",
+                linger_ms=2,
+                retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
+            )
             for partition in new
         ]
         await asyncio.gather(*(producer.start() for producer in producers))
