@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from aiokafka.partitioner import murmur2
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas.envelope import ContractError, Envelope, Source
+from schemas.envelope import ContractError, Envelope, Source, describe_validation_error
 from schemas.events import Event
 from schemas.topics import Topic
 from services.common.processor import Incoming, TaskContext
@@ -30,6 +30,8 @@ class OrderState(BaseModel):
 
 
 State = TypeVar("State", bound=OrderState)
+Body = TypeVar("Body", bound=BaseModel)
+E = TypeVar("E", bound=Event)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,21 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
+def _misrouted(task: TaskContext, message: Incoming, key: bytes) -> bool:
+    """Dead-letter a record that sits on another partition than its key's: acting on it here would
+    split that key's state between two tasks."""
+    expected = partition_for(key, task.settings.partitions)
+    if expected == message.partition:
+        return False
+    task.dead_letter(
+        message,
+        f"partition: key {key.decode(errors='replace')!r} belongs on partition {expected} (murmur2), "
+        f"not {message.partition}; publish with Kafka's default partitioner "
+        "(kcat: -X partitioner=murmur2_random)",
+    )
+    return True
+
+
 def decode(task: TaskContext, message: Incoming) -> Envelope | None:
     """The message's envelope, or None after dead-lettering it with the reason."""
     try:
@@ -70,16 +87,37 @@ def decode(task: TaskContext, message: Incoming) -> Envelope | None:
     if message.key != envelope.key:
         task.dead_letter(message, f"key: the record key must equal order_id {envelope.order_id!r}")
         return None
-    expected = partition_for(envelope.key, task.settings.partitions)
-    if expected != message.partition:
-        task.dead_letter(
-            message,
-            f"partition: key {envelope.order_id!r} belongs on partition {expected} (murmur2), "
-            f"not {message.partition}; publish with Kafka's default partitioner "
-            "(kcat: -X topic.partitioner=murmur2_random)",
-        )
+    if _misrouted(task, message, envelope.key):
         return None
     return envelope
+
+
+def decode_internal(
+    task: TaskContext, message: Incoming, model: type[Body], key_field: str, key_of: Callable[[Body], str]
+) -> Body | None:
+    """An internal message between two stages of a service, or None after dead-lettering it."""
+    if message.value is None:
+        task.dead_letter(message, "value: empty message (null value)")
+        return None
+    try:
+        body = model.model_validate_json(message.value)
+    except ValidationError as error:
+        task.dead_letter(message, f"invalid {model.__name__}: {describe_validation_error(error)}")
+        return None
+    key = key_of(body).encode()
+    if message.key != key:
+        task.dead_letter(message, f"key: the record key must equal {key_field} {key_of(body)!r}")
+        return None
+    if _misrouted(task, message, key):
+        return None
+    return body
+
+
+def payload(envelope: Envelope, event_type: type[E]) -> E:
+    """The envelope's data as `event_type`; handlers are looked up by type, so a mismatch is a bug."""
+    if not isinstance(envelope.data, event_type):
+        raise TypeError(f"expected {event_type.__name__}, got {envelope.type}")
+    return envelope.data
 
 
 def order_key(order_id: str) -> str:

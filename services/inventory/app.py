@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from schemas.envelope import Envelope, Source, describe_validation_error
+from schemas.envelope import Envelope, Source
 from schemas.topics import (
     INVENTORY_STATE,
     ORDERS,
@@ -21,7 +21,7 @@ from schemas.topics import (
     Topic,
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, decode, order_key, partition_for
+from services.common.saga import apply_once, decode, decode_internal, order_key
 from services.inventory.domain import InventoryOrder, SkuStock, StockReply, StockRequest, load_catalog, sku_key
 from services.inventory.handlers import SAGA_HANDLERS, stock_replied, stock_requested
 from services.inventory.settings import InventorySettings
@@ -55,7 +55,7 @@ class InventoryApp:
         """Inventory has no deadlines."""
 
     def _stock_request(self, task: TaskContext, message: Incoming) -> None:
-        request = _internal(task, message, StockRequest, lambda body: body.sku)
+        request = decode_internal(task, message, StockRequest, "sku", lambda body: body.sku)
         if request is None:
             return
         key = sku_key(request.sku)
@@ -68,7 +68,7 @@ class InventoryApp:
             task.send(STOCK_REPLIES, change.reply.order_id, change.reply.model_dump_json().encode())
 
     def _stock_reply(self, task: TaskContext, message: Incoming) -> None:
-        reply = _internal(task, message, StockReply, lambda body: body.order_id)
+        reply = decode_internal(task, message, StockReply, "order_id", lambda body: body.order_id)
         if reply is None:
             return
         key = order_key(reply.order_id)
@@ -101,28 +101,6 @@ class InventoryApp:
             task.emit(envelope)
         for request in settled.reaction.requests:
             task.send(request.topic, request.key, request.body.model_dump_json().encode())
-
-
-def _internal(task: TaskContext, message: Incoming, model: type[Body], key_of: Callable[[Body], str]) -> Body | None:
-    """The internal message, or None after dead-lettering it with the reason."""
-    if message.value is None:
-        task.dead_letter(message, "value: empty message (null value)")
-        return None
-    try:
-        body = model.model_validate_json(message.value)
-    except ValidationError as error:
-        task.dead_letter(message, f"invalid {model.__name__}: {describe_validation_error(error)}")
-        return None
-    key = key_of(body)
-    if message.key != key.encode():
-        task.dead_letter(message, f"key: the record key must be {key!r}")
-        return None
-    expected = partition_for(message.key, task.settings.partitions)
-    if expected != message.partition:
-        # Another task owns this key's state; acting here would split it.
-        task.dead_letter(message, f"partition: key {key!r} belongs on partition {expected}, not {message.partition}")
-        return None
-    return body
 
 
 def build_app(settings: InventorySettings) -> InventoryApp:

@@ -26,7 +26,7 @@ from schemas.events import (
     Shortage,
 )
 from schemas.topics import STOCK_REQUESTS
-from services.common.saga import Handler, Reaction, Request
+from services.common.saga import Handler, Reaction, Request, payload
 from services.inventory.domain import (
     Cancellation,
     InventoryOrder,
@@ -41,11 +41,6 @@ from services.inventory.domain import (
 
 E = TypeVar("E", bound=Event)
 OrderReaction = Reaction[InventoryOrder]
-
-
-def _data(envelope: Envelope, kind: type[E]) -> E:
-    assert isinstance(envelope.data, kind)
-    return envelope.data
 
 
 def _ask(operation: StockOperation, order_id: str, sku: str, quantity: int | None = None) -> Request:
@@ -64,7 +59,7 @@ def order_placed(state: InventoryOrder, envelope: Envelope) -> OrderReaction:
     if state.status is not OrderStatus.NEW:
         # Either cancelled before the order was seen (a late OrderPlaced is ignored) or already under way.
         return Reaction(state)
-    placed = _data(envelope, OrderPlaced)
+    placed = payload(envelope, OrderPlaced)
     order = OrderDetails(**{name: getattr(placed, name) for name in OrderDetails.model_fields})
     wanted = order.quantities()
     return Reaction(
@@ -81,15 +76,15 @@ def order_placed(state: InventoryOrder, envelope: Envelope) -> OrderReaction:
 
 
 def payment_declined(state: InventoryOrder, envelope: Envelope) -> OrderReaction:
-    return _cancel(state, envelope, f"payment declined: {_data(envelope, PaymentDeclined).reason}")
+    return _cancel(state, envelope, f"payment declined: {payload(envelope, PaymentDeclined).reason}")
 
 
 def payment_refunded(state: InventoryOrder, envelope: Envelope) -> OrderReaction:
-    return _cancel(state, envelope, f"payment refunded: {_data(envelope, PaymentRefunded).reason}")
+    return _cancel(state, envelope, f"payment refunded: {payload(envelope, PaymentRefunded).reason}")
 
 
 def payment_voided(state: InventoryOrder, envelope: Envelope) -> OrderReaction:
-    return _cancel(state, envelope, f"cancelled: {_data(envelope, PaymentVoided).reason}")
+    return _cancel(state, envelope, f"cancelled: {payload(envelope, PaymentVoided).reason}")
 
 
 def _cancel(state: InventoryOrder, envelope: Envelope, reason: str) -> OrderReaction:
@@ -112,7 +107,7 @@ def _cancel(state: InventoryOrder, envelope: Envelope, reason: str) -> OrderReac
 
 
 def order_completed(state: InventoryOrder, envelope: Envelope) -> OrderReaction:
-    _data(envelope, OrderCompleted)
+    payload(envelope, OrderCompleted)
     if state.status is not OrderStatus.RESERVED:
         # Shipping completes only orders whose reservation we announced, so this is a repeat: nothing to move.
         return Reaction(state)

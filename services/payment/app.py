@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from schemas.envelope import Envelope, Source, describe_validation_error
+from schemas.envelope import Envelope, Source
 from schemas.topics import (
     APPROVAL_EVENTS,
     INVENTORY_EVENTS,
@@ -26,7 +26,7 @@ from schemas.topics import (
     Topic,
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, decode, order_key, partition_for
+from services.common.saga import apply_once, decode, decode_internal, order_key
 from services.common.settings import ChoreoSettings
 from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
 from services.payment.handlers import ORDER_HANDLERS, on_ledger_reply, on_ledger_request
@@ -64,11 +64,11 @@ class PaymentApp:
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         if message.topic == LEDGER_REQUESTS:
-            request = _internal(task, message, LedgerRequest, "customer_id", lambda body: body.customer_id)
+            request = decode_internal(task, message, LedgerRequest, "customer_id", lambda body: body.customer_id)
             if request is not None:
                 self._apply_ledger_request(task, request)
         elif message.topic == LEDGER_REPLIES:
-            reply = _internal(task, message, LedgerReply, "order_id", lambda body: body.order_id)
+            reply = decode_internal(task, message, LedgerReply, "order_id", lambda body: body.order_id)
             if reply is not None:
                 self._apply_ledger_reply(task, message, reply)
         else:
@@ -115,32 +115,6 @@ class PaymentApp:
             task.emit(envelope)
         for request in reaction.requests:
             task.send(request.topic, request.key, request.body.model_dump_json().encode())
-
-
-def _internal(
-    task: TaskContext, message: Incoming, model: type[M], key_field: str, key_of: Callable[[M], str]
-) -> M | None:
-    """The internal message, or None after dead-lettering it with the reason."""
-    if message.value is None:
-        task.dead_letter(message, "value: empty message (null value)")
-        return None
-    try:
-        body = model.model_validate_json(message.value)
-    except ValidationError as error:
-        task.dead_letter(message, f"invalid {model.__name__}: {describe_validation_error(error)}")
-        return None
-    key = key_of(body).encode()
-    if message.key != key:
-        task.dead_letter(message, f"key: the record key must equal {key_field} {key_of(body)!r}")
-        return None
-    expected = partition_for(key, task.settings.partitions)
-    if expected != message.partition:
-        # Its state lives in another task; applying it here would split that state.
-        task.dead_letter(
-            message, f"partition: key {key_of(body)!r} belongs on partition {expected}, not {message.partition}"
-        )
-        return None
-    return body
 
 
 def build_app(settings: ChoreoSettings) -> PaymentApp:

@@ -21,7 +21,7 @@ from schemas.events import (
     ShippingFailed,
 )
 from schemas.topics import LEDGER_REQUESTS
-from services.common.saga import Handler, Reaction, Request
+from services.common.saga import Handler, Reaction, Request, payload
 from services.payment.domain import (
     CustomerLedger,
     LedgerOperation,
@@ -33,11 +33,6 @@ from services.payment.domain import (
 )
 
 E = TypeVar("E", bound=Event)
-
-
-def _data(envelope: Envelope, kind: type[E]) -> E:
-    assert isinstance(envelope.data, kind), f"{envelope.type} routed to the {kind.__name__} handler"
-    return envelope.data
 
 
 def _bill(state: PaymentOrder) -> tuple[OrderDetails, Decimal]:
@@ -59,7 +54,7 @@ def on_inventory_reserved(state: PaymentOrder, envelope: Envelope) -> Reaction[P
     # Only a fresh order starts a charge: a cancelled one never does, and one charge per order.
     if state.phase is not Phase.AWAITING:
         return Reaction(state)
-    order = _data(envelope, InventoryReserved).order
+    order = payload(envelope, InventoryReserved).order
     holding = state.model_copy(
         update={
             "phase": Phase.HOLDING,
@@ -87,21 +82,21 @@ def compensate(state: PaymentOrder, reason: str) -> Reaction[PaymentOrder]:
 
 
 def on_approval_denied(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    _data(envelope, ApprovalDenied)
+    payload(envelope, ApprovalDenied)
     return compensate(state, "approval denied")
 
 
 def on_approval_timed_out(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    _data(envelope, ApprovalTimedOut)
+    payload(envelope, ApprovalTimedOut)
     return compensate(state, "approval timed out")
 
 
 def on_shipping_failed(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    return compensate(state, text(f"shipping failed: {_data(envelope, ShippingFailed).reason}"))
+    return compensate(state, text(f"shipping failed: {payload(envelope, ShippingFailed).reason}"))
 
 
 def on_shipment_cancelled(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    return compensate(state, text(f"order cancelled: {_data(envelope, ShipmentCancelled).reason}"))
+    return compensate(state, text(f"order cancelled: {payload(envelope, ShipmentCancelled).reason}"))
 
 
 ORDER_HANDLERS: Mapping[type[Event], Handler[PaymentOrder]] = {

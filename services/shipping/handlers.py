@@ -18,7 +18,7 @@ from schemas.events import (
     ShipmentScheduled,
     ShippingFailed,
 )
-from services.common.saga import Handler, Reaction
+from services.common.saga import Handler, Reaction, payload
 from services.shipping.domain import (
     ORDER_ALREADY_COMPLETED,
     ShippingOrderState,
@@ -34,12 +34,6 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 
 
-def _data(envelope: Envelope, event_type: type[E]) -> E:
-    if not isinstance(envelope.data, event_type):
-        raise TypeError(f"expected {event_type.__name__}, got {envelope.type}")
-    return envelope.data
-
-
 def on_approval_granted(
     policy: ShippingPolicy, state: ShippingOrderState, envelope: Envelope
 ) -> Reaction[ShippingOrderState]:
@@ -47,7 +41,7 @@ def on_approval_granted(
         # A cancelled order must never ship; a closed one was already answered.
         log.info("approval ignored", extra={"order_id": state.order_id, "status": state.status.value})
         return Reaction(state)
-    order = _data(envelope, ApprovalGranted).order
+    order = payload(envelope, ApprovalGranted).order
     country = order.ship_to.country
     if not policy.serves(country):
         reason = not_served_reason(country)
@@ -75,7 +69,7 @@ def on_cancellation_requested(state: ShippingOrderState, envelope: Envelope) -> 
     if state.status is not ShippingStatus.OPEN:
         # Failed: compensation already runs from ShippingFailed. Cancelled: already answered.
         return Reaction(state)
-    reason = _data(envelope, OrderCancellationRequested).reason
+    reason = payload(envelope, OrderCancellationRequested).reason
     return Reaction(
         state.model_copy(update={"status": ShippingStatus.CANCELLED, "reason": reason}),
         events=(ShipmentCancelled(had_shipment=False, reason=reason),),
