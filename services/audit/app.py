@@ -37,7 +37,7 @@ class AuditApp:
         self._active_since.setdefault(task.partition, now)
         key = order_key(envelope.order_id)
         state = task.store.get(key, AuditOrderState) or AuditOrderState(order_id=envelope.order_id)
-        outcome = on_event(state, arrival(envelope, message.value, now))
+        outcome = on_event(state, arrival(envelope, message.value, now), message.topic.name)
         if outcome.duplicate:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})
             return

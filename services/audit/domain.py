@@ -21,12 +21,18 @@ HELD_INDEX_KEY = "audit:held-orders"
 
 
 class HeldEvent(BaseModel):
-    """An event waiting for its cause to be written; `raw` is the record value as it arrived."""
+    """An event waiting to be written; `raw` is the record value as it arrived.
+
+    It waits for two events: its cause, and `after`, the order's previous event on the same topic.
+    The second keeps one service's events in the order it published them, even when the audit
+    reads another topic behind (a refund must not overtake the charge it refunds).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     event_id: str
     causation_id: str | None
+    after: str | None = None
     type: str
     occurred_at: AwareDatetime
     held_since: AwareDatetime
@@ -40,6 +46,9 @@ class HeldEvent(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.type in _TERMINAL_TYPES
+
+    def waits_for(self) -> tuple[str, ...]:
+        return tuple(event_id for event_id in (self.causation_id, self.after) if event_id is not None)
 
 
 _TERMINAL_TYPES = frozenset(event.__name__ for event in TERMINAL_EVENTS)
@@ -60,9 +69,13 @@ class AuditOrderState(BaseModel):
     written: list[str] = []
     held: dict[str, HeldEvent] = {}
     closed: bool = False
+    last_by_topic: dict[str, str] = {}
 
     def seen(self, event_id: str) -> bool:
         return event_id in self.held or event_id in self.written
+
+    def ready(self, event: HeldEvent) -> bool:
+        return all(event_id in self.written for event_id in event.waits_for())
 
     def oldest_hold(self) -> datetime | None:
         return min((event.held_since for event in self.held.values()), default=None)
@@ -93,7 +106,7 @@ class Outcome:
     duplicate: bool = False
 
 
-def arrival(envelope: Envelope, raw: bytes | None, now: datetime) -> HeldEvent:
+def arrival(envelope: Envelope, raw: bytes | None, now: datetime, after: str | None = None) -> HeldEvent:
     """The event as the audit keeps it: the original bytes when they are UTF-8 JSON, else re-serialized."""
     text: str | None = None
     if raw is not None:
@@ -106,6 +119,7 @@ def arrival(envelope: Envelope, raw: bytes | None, now: datetime) -> HeldEvent:
     return HeldEvent(
         event_id=str(envelope.event_id),
         causation_id=str(envelope.causation_id) if envelope.causation_id is not None else None,
+        after=after,
         type=envelope.type,
         occurred_at=envelope.occurred_at,
         held_since=now,
@@ -114,10 +128,10 @@ def arrival(envelope: Envelope, raw: bytes | None, now: datetime) -> HeldEvent:
 
 
 def write_with_consequences(state: AuditOrderState, ready: Iterable[HeldEvent]) -> Outcome:
-    """Write `ready`, then every held event each written one caused, recursively.
+    """Write `ready`, then every held event that waited only for written ones, recursively.
 
     A heap keyed by (occurred_at, type, id) makes the output the same whatever order the events
-    arrived in, and an event enters it only after its cause was written, so causality holds.
+    arrived in, and an event enters it only once what it waits for was written, so causality holds.
     """
     held = dict(state.held)
     written = list(state.written)
@@ -134,8 +148,9 @@ def write_with_consequences(state: AuditOrderState, ready: Iterable[HeldEvent]) 
         written.append(event.event_id)
         closed = closed or event.terminal
         out.append(event)
-        for child in [held_event for held_event in held.values() if held_event.causation_id == event.event_id]:
-            heapq.heappush(heap, (child.order, next(tiebreak), child))
+        for child in [held_event for held_event in held.values() if event.event_id in held_event.waits_for()]:
+            if all(event_id in written for event_id in child.waits_for()):
+                heapq.heappush(heap, (child.order, next(tiebreak), child))
     new_state = state.model_copy(update={"held": held, "written": written, "closed": closed})
     return Outcome(state=compacted(new_state), written=tuple(out))
 
@@ -143,18 +158,20 @@ def write_with_consequences(state: AuditOrderState, ready: Iterable[HeldEvent]) 
 def compacted(state: AuditOrderState) -> AuditOrderState:
     """A closed order with nothing held keeps only its ids: enough to recognise a late duplicate."""
     if state.closed and not state.held:
-        return AuditOrderState(order_id=state.order_id, written=state.written, closed=True)
+        return AuditOrderState(
+            order_id=state.order_id, written=state.written, closed=True, last_by_topic=state.last_by_topic
+        )
     return state
 
 
 def chain_root(state: AuditOrderState, event: HeldEvent) -> HeldEvent:
-    """The earliest held ancestor of `event`: the one whose own cause is missing (or, on a cycle, where it loops)."""
+    """The earliest held ancestor of `event`: one that waits only for what never arrived (or, on a cycle,
+    where it loops)."""
     visited = {event.event_id}
     current = event
-    while current.causation_id is not None and current.causation_id in state.held:
-        parent = state.held[current.causation_id]
-        if parent.event_id in visited:
-            break
-        visited.add(parent.event_id)
-        current = parent
-    return current
+    while True:
+        parents = [state.held[event_id] for event_id in current.waits_for() if event_id in state.held]
+        if not parents or parents[0].event_id in visited:
+            return current
+        visited.add(parents[0].event_id)
+        current = parents[0]

@@ -208,6 +208,20 @@ SCENARIOS = {
 }
 
 
+def topic_name(envelope: Envelope) -> str:
+    return topic_of(type(envelope.data)).name
+
+
+def interleave(events: list[Envelope], topic_order: list[str]) -> list[Envelope]:
+    """`events` as one consumer may receive them: each topic's events keep their order (a partition is
+    ordered), while the topics interleave as `topic_order` says: its i-th entry names the topic of the
+    i-th arrival, so it must hold each topic as often as `events` has events of it."""
+    queues: dict[str, list[Envelope]] = {}
+    for event in events:
+        queues.setdefault(topic_name(event), []).append(event)
+    return [queues[name].pop(0) for name in topic_order]
+
+
 def record(envelope: Envelope, offset: int = 0, *, value: bytes | None = None) -> Incoming:
     """The envelope as it would be read from its saga topic."""
     return Incoming(

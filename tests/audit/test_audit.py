@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 
 from schemas.deadletter import DeadLetter
-from schemas.envelope import Envelope
+from schemas.envelope import Envelope, Source
+from schemas.events import OrderCancellationRequested, PaymentRefunded, ShipmentCancelled
 from schemas.topics import AUDIT, AUDIT_STATE, SAGA_TOPICS, SHIPPING_EVENTS
 from services.audit.app import AuditApp, build_app
 from services.audit.settings import AuditSettings
@@ -20,9 +22,11 @@ from tests.audit.builders import (
     Harness,
     completed_saga,
     customer_cancelled_saga,
+    interleave,
     record,
     refused_cancellation,
     shipping_failed_saga,
+    topic_name,
 )
 
 
@@ -147,10 +151,10 @@ def test_a_compensation_arriving_first_is_written_after_what_triggered_it() -> N
     saga = shipping_failed_saga()
     placed, reserved, charged, granted, failed, refunded, released, cancelled = saga
     audit = Harness.for_order(placed.order_id)
-    # When the compensations arrive before everything else, the trigger last
-    assert audit.feed(cancelled, released, refunded) == []
-    assert audit.feed(charged, granted, reserved) == []
-    written = audit.feed(placed) + audit.feed(failed)
+    # When the later topics are read first: shipping, approval and payment ahead of inventory and orders
+    assert audit.feed(failed, granted, charged, refunded) == []
+    assert audit.feed(reserved, released, cancelled) == []
+    written = audit.feed(placed)
     # Then every event is written once, each after its cause, siblings by time then type
     assert ids(written) == ids([placed, reserved, charged, granted, failed, refunded, released, cancelled])
 
@@ -276,15 +280,15 @@ def test_a_finished_order_keeps_only_the_ids_of_its_events() -> None:
     # Given a completed order
     saga = completed_saga()
     audit = Harness.for_order("o-happy")
-    # When it is audited out of order
-    audit.feed(*reversed(saga))
+    # When it is audited with its topics read in reverse
+    audit.feed(*interleave(saga, [topic_name(event) for event in reversed(saga)]))
     # Then its state is closed and holds the ids of what was written, no event bodies
     state = audit.state("o-happy")
     assert state is not None
     assert state.closed
     assert state.held == {}
     assert sorted(state.written) == sorted(ids(saga))
-    assert set(json.loads(state.model_dump_json())) == {"order_id", "written", "held", "closed"}
+    assert set(json.loads(state.model_dump_json())) == {"order_id", "written", "held", "closed", "last_by_topic"}
     assert "OrderPlaced" not in state.model_dump_json()
     # And the task no longer lists the order as waiting
     assert audit.held_index().orders == {}
@@ -319,3 +323,20 @@ def test_orders_sharing_a_task_are_kept_apart() -> None:
 def test_plain_settings_get_the_default_wait() -> None:
     app: AuditApp = build_app(SETTINGS)
     assert app.causal_wait == WAIT
+
+
+def test_a_refund_never_overtakes_the_charge_it_refunds() -> None:
+    # Given an order cancelled after it was charged, the refund caused by the shipment's cancellation
+    placed, reserved, charged, *_ = completed_saga("o-late")
+    cancel = Envelope.new(OrderCancellationRequested(reason="no"), order_id="o-late", source=Source.CLIENT)
+    closed = cancel.caused(ShipmentCancelled(had_shipment=False, reason="no"), Source.SHIPPING)
+    refunded = closed.caused(
+        PaymentRefunded(customer_id="c-1", amount=Decimal("43.98"), currency="EUR", reason="no"), Source.PAYMENT
+    )
+    audit = Harness.for_order("o-late")
+    audit.feed(placed, cancel, closed)
+    # When payment.events delivers the charge and the refund while inventory.events is read behind,
+    # so the charge waits for its cause but the refund's cause is already written
+    assert audit.feed(charged, refunded) == []
+    # Then the refund is written after the charge, once the charge's cause arrives
+    assert ids(audit.feed(reserved)) == ids([reserved, charged, refunded])
