@@ -38,17 +38,19 @@ def choreo(settings: ChoreoSettings, *args: str, stdin: str | None = None) -> su
 
 async def read_topic(settings: ChoreoSettings, topic: Topic) -> list[Any]:
     """Every committed record of `topic` that is there now, in partition then offset order."""
-    consumer = AIOKafkaConsumer(**settings.kafka_options(), isolation_level="read_committed", enable_auto_commit=False)
+    # A fresh assignment starts at `auto_offset_reset`; an explicit seek can race the position reset.
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_options(),
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     try:
         name = settings.topic(topic)
-        partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
-        if not partitions:
-            await consumer._client.force_metadata_update()  # first use of a fresh topic
-            partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        partitions = [TopicPartition(name, p) for p in range(settings.partitions)]
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
         records: list[Any] = []
         for tp in partitions:
             while await consumer.position(tp) < ends[tp]:
