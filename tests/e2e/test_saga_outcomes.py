@@ -18,7 +18,7 @@ from services.common.publisher import publish
 from services.common.saga import partition_for
 from services.common.settings import ChoreoSettings
 from tests.e2e.harness import SagaStack, audit_by_order, terminal_count, timeline, wait_for_events
-from tests.support import eventually, read_topic
+from tests.support import choreo, eventually, read_topic
 
 HAPPY = ["OrderPlaced", "InventoryReserved", "PaymentCharged", "ApprovalGranted", "ShipmentScheduled", "OrderCompleted"]
 
@@ -59,6 +59,15 @@ async def test_completed(stack: SagaStack, choreo_settings: ChoreoSettings) -> N
     await stack.start()
     await publish(choreo_settings, [order("o-ok")])
     assert await finished(choreo_settings, "o-ok", "OrderCompleted") == HAPPY
+
+    audit = choreo(choreo_settings, "audit", "--order", "o-ok")
+    assert audit.returncode == 0, audit.stderr
+    assert [line.split()[2] for line in audit.stdout.splitlines()[1:-1]] == HAPPY
+    assert audit.stdout.splitlines()[-1].strip() == "outcome: completed"
+    status = choreo(choreo_settings, "status", "o-ok")
+    assert status.returncode == 0, status.stderr
+    assert "completed" in status.stdout.splitlines()[0]
+    assert choreo(choreo_settings, "status", "o-unknown").returncode == 1
 
 
 async def test_inventory_rejected(stack: SagaStack, choreo_settings: ChoreoSettings) -> None:
