@@ -47,6 +47,10 @@ FETCH_MAX_WAIT_MS = 100
 TRANSACTION_RETRY_BACKOFF_MS = 20
 
 
+class TaskFencedError(RuntimeError):
+    """This instance lost a task to a newer owner while it was stalled; it must restart."""
+
+
 @dataclass(frozen=True)
 class Incoming:
     """One record as read, with the registry topic it came from."""
@@ -353,12 +357,12 @@ class TransactionalRunner:
                     await task.producer.send(changelog, value, key=key.encode(), partition=partition)
                 if offsets:
                     await task.producer.send_offsets_to_transaction(offsets, self.group_id)
-        except ProducerFenced:
-            # Another instance owns this task now; the broker discarded our transaction.
-            log.warning("task fenced by a newer owner", extra={"service": self.app.name, "partition": partition})
+        except ProducerFenced as error:
+            # Another instance took this task over while we were stalled: we are a zombie. Our
+            # transaction is void; the only safe course is to stop and start again from the group.
             task.store.rollback()
             await self._close_tasks([partition])
-            return
+            raise TaskFencedError(f"{self.app.name} task {partition} was fenced by a newer owner") from error
         except KafkaError:
             # The transaction was aborted: start the task afresh from what was committed.
             log.exception(
@@ -367,8 +371,22 @@ class TransactionalRunner:
             task.store.rollback()
             await self._close_tasks([partition])
             await self._open_tasks([partition])
+            await self._rewind(partition)
             return
         task.store.commit()
+
+    async def _rewind(self, partition: int) -> None:
+        """Move the consumer back to the committed offsets of the task's inputs, to redo an aborted batch."""
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in consumer.assignment():
+            if tp.partition != partition:
+                continue
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
 
     # --- task lifecycle -----------------------------------------------------------------------
 

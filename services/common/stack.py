@@ -27,8 +27,14 @@ log = logging.getLogger(__name__)
 
 # Start order follows the saga, so downstream consumers are up before upstream ones emit.
 SERVICES: tuple[str, ...] = ("audit", "monitor", "shipping", "approval", "payment", "inventory")
-RUN_DIR = REPO_ROOT / ".run"
+DEFAULT_RUN_DIR = REPO_ROOT / ".run"
+
+
+def run_dir() -> Path:
+    """Where `choreo up --detach` keeps pid files and logs (`CHOREO_RUN_DIR`, default `.run/`)."""
+    return Path(os.environ.get("CHOREO_RUN_DIR", DEFAULT_RUN_DIR))
 STOP_TIMEOUT_S = 15.0
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -51,11 +57,11 @@ def _runnable(name: str) -> bool:
 
 
 def _pid_file(name: str) -> Path:
-    return RUN_DIR / "pids" / f"{name}.pid"
+    return run_dir() / "pids" / f"{name}.pid"
 
 
 def _log_file(name: str) -> Path:
-    return RUN_DIR / "logs" / f"{name}.log"
+    return run_dir() / "logs" / f"{name}.log"
 
 
 def prepare(settings: ChoreoSettings, broker: LocalBroker, *, start_broker: bool) -> ChoreoSettings:
@@ -110,31 +116,37 @@ def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *,
         stopping = True
 
     previous = signal.signal(signal.SIGTERM, request_stop)
-    processes: list[subprocess.Popen[bytes]] = []
-    exit_code = 0
+    running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         settings = prepare(settings, broker, start_broker=start_broker)
         names = available_services()
-        processes = [service.process for service in spawn(settings, names, detach=False)]
+        running = {service.name: service.process for service in spawn(settings, names, detach=False)}
         log.warning("stack running: %s; Ctrl-C stops it", ", ".join(names))
+        restarts: dict[str, int] = {}
         while not stopping:
-            crashed = [(name, p.returncode) for name, p in zip(names, processes, strict=True) if p.poll() is not None]
-            if crashed:
-                log.error("service exited: %s", ", ".join(f"{name} ({code})" for name, code in crashed))
-                exit_code = 1
-                break
+            for name, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                # A crashed or fenced service starts again from its committed state, like a
+                # container under a restart policy; the backoff keeps a crash loop cheap.
+                restarts[name] = restarts.get(name, 0) + 1
+                delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** min(restarts[name], 6))
+                log.error("%s exited with %s; restarting in %.1f s", name, process.returncode, delay)
+                time.sleep(delay)
+                [service] = spawn(settings, [name], detach=False)
+                running[name] = service.process
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _terminate([p.pid for p in processes if p.poll() is None])
-        for process in processes:
+        _terminate([p.pid for p in running.values() if p.poll() is None])
+        for process in running.values():
             process.wait()
         if start_broker:
             broker.stop()
         log.warning("stack stopped")
-    return exit_code
+    return 0
 
 
 def up_detached(
