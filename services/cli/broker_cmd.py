@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from services.common.broker import BrokerError, BrokerSettings, LocalBroker
 from services.common.settings import ChoreoSettings
@@ -68,7 +69,7 @@ def _fetch(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
     except BrokerError as exc:
         logger.error("could not fetch the Kafka jars: %s", exc)
         return 1
-    print(f"{len(jars)} jars ready (classpath: {broker.classpath_file})")
+    sys.stdout.write(f"{len(jars)} jars ready (classpath: {broker.classpath_file})" + "\n")
     return 0
 
 
@@ -80,20 +81,20 @@ def _start(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
         logger.error("could not start the Kafka broker: %s", exc)
         return 1
     if result.already_running:
-        print(f"already running at {result.bootstrap} (pid {result.pid})")
+        sys.stdout.write(f"already running at {result.bootstrap} (pid {result.pid})" + "\n")
     else:
-        print(f"ready at {result.bootstrap} (pid {result.pid}) in {result.elapsed_s:.1f}s")
+        sys.stdout.write(f"ready at {result.bootstrap} (pid {result.pid}) in {result.elapsed_s:.1f}s" + "\n")
     return 0
 
 
 def _status(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
     status = _broker(args).status()
     if not status.running:
-        print(f"not running (bootstrap {status.bootstrap})")
+        sys.stdout.write(f"not running (bootstrap {status.bootstrap})" + "\n")
         return 1
     rss = f"{status.rss_bytes / 2**20:.0f} MiB" if status.rss_bytes is not None else "unknown"
     ready = "ready" if status.ready else "NOT answering admin requests"
-    print(f"running, {ready}: pid {status.pid}, bootstrap {status.bootstrap}, rss {rss}")
+    sys.stdout.write(f"running, {ready}: pid {status.pid}, bootstrap {status.bootstrap}, rss {rss}" + "\n")
     return 0
 
 
@@ -103,5 +104,5 @@ def _stop(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
     except BrokerError as exc:
         logger.error("could not stop the Kafka broker: %s", exc)
         return 1
-    print("stopped" if stopped else "not running")
+    sys.stdout.write(("stopped" if stopped else "not running") + "\n")
     return 0

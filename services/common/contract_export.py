@@ -16,6 +16,7 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, Event
 from schemas.topics import PUBLIC_TOPICS, Topic
+from services.common.settings import ChoreoSettings
 
 SCHEMAS_DIR = Path(schemas.__file__).resolve().parent
 JSON_SCHEMA_DIR = SCHEMAS_DIR / "jsonschema"
@@ -90,7 +91,11 @@ def asyncapi_document() -> dict[str, Any]:
         },
         "defaultContentType": "application/json",
         "servers": {
-            "local": {"host": "127.0.0.1:9092", "protocol": "kafka", "description": "The broker `make run` starts."}
+            "local": {
+                "host": ChoreoSettings.model_fields["bootstrap_servers"].default,
+                "protocol": "kafka",
+                "description": "The broker `make run` starts.",
+            }
         },
         "channels": {_channel_id(topic): _channel(topic) for topic in PUBLIC_TOPICS},
         "operations": _operations(),

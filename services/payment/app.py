@@ -27,7 +27,6 @@ from schemas.topics import (
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
 from services.common.saga import apply_once, decode, decode_internal, order_key
-from services.common.settings import ChoreoSettings
 from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
 from services.payment.handlers import ORDER_HANDLERS, on_ledger_reply, on_ledger_request
 from services.payment.settings import PaymentSettings
@@ -117,7 +116,5 @@ class PaymentApp:
             task.send(request.topic, request.key, request.body.model_dump_json().encode())
 
 
-def build_app(settings: ChoreoSettings) -> PaymentApp:
-    if not isinstance(settings, PaymentSettings):
-        raise TypeError(f"the payment service needs PaymentSettings, got {type(settings).__name__}")
+def build_app(settings: PaymentSettings) -> PaymentApp:
     return PaymentApp(settings.credit_limits())

@@ -2,5 +2,4 @@ from services.common.service import main
 from services.shipping.app import build_app
 from services.shipping.settings import ShippingSettings
 
-settings = ShippingSettings()
-main(settings, lambda _: build_app(settings))
+main(ShippingSettings(), build_app)
