@@ -33,6 +33,8 @@ DEFAULT_RUN_DIR = REPO_ROOT / ".run"
 def run_dir() -> Path:
     """Where `choreo up --detach` keeps pid files and logs (`CHOREO_RUN_DIR`, default `.run/`)."""
     return Path(os.environ.get("CHOREO_RUN_DIR", DEFAULT_RUN_DIR))
+
+
 STOP_TIMEOUT_S = 15.0
 RESTART_BACKOFF_MAX_S = 30.0
 
