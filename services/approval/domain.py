@@ -155,39 +155,3 @@ class DeadlineIndex(BaseModel):
 
     def due(self, now: datetime) -> list[str]:
         return sorted(order_id for order_id, at in self.timers.items() if at <= now)
-
-
-class ApprovalView(BaseModel):
-    """What a reviewer sees of one approval."""
-
-    model_config = ConfigDict(frozen=True)
-
-    order_id: str
-    status: ApprovalStatus
-    customer_id: str | None
-    amount: Money | None
-    currency: str | None
-    requested_at: AwareDatetime | None
-    escalated: bool
-    deadline: AwareDatetime | None
-    reviewer: str | None
-    comment: str | None
-    closed_at: AwareDatetime | None
-    order: OrderDetails | None
-
-    @classmethod
-    def of(cls, state: ApprovalState) -> ApprovalView:
-        return cls(
-            order_id=state.order_id,
-            status=state.status,
-            customer_id=state.order.customer_id if state.order is not None else None,
-            amount=state.amount,
-            currency=state.currency,
-            requested_at=state.requested_at,
-            escalated=state.escalated,
-            deadline=state.deadline,
-            reviewer=state.reviewer,
-            comment=state.comment,
-            closed_at=state.closed_at,
-            order=state.order,
-        )

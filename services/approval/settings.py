@@ -13,6 +13,9 @@ from services.common.settings import ChoreoSettings
 
 _SECONDS = re.compile(r"^\s*\d+(\.\d+)?\s*$")
 
+DEV_TOKEN = "dev-token"  # noqa: S105  # public on purpose: refused outside dev
+"""The reviewer token in dev mode when none is configured; never accepted outside dev."""
+
 
 class ApprovalSettings(ChoreoSettings):
     approval_threshold: Decimal = Field(
@@ -34,8 +37,12 @@ class ApprovalSettings(ChoreoSettings):
     approval_token: SecretStr | None = Field(
         default=None, description="Bearer token of the reviewer API; required, and not a placeholder, outside dev."
     )
-    approval_http_host: str = Field(default="127.0.0.1", description="Interface of the reviewer API.")
-    approval_http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the reviewer API.")
+    approval_http_host: str = Field(
+        default="127.0.0.1", description="Interface of the reviewer API (0.0.0.0 in containers)."
+    )
+    approval_http_port: int = Field(
+        default=8000, ge=0, le=65535, description="Port of the reviewer API; 0 picks a free one."
+    )
 
     @field_validator("approval_timeout", mode="before")
     @classmethod
@@ -56,7 +63,17 @@ class ApprovalSettings(ChoreoSettings):
     def _token_outside_dev(self) -> Self:
         if self.environment != "dev" and self.approval_token is None:
             raise ValueError(f"approval_token (CHOREO_APPROVAL_TOKEN) is required when environment={self.environment}")
+        if self.environment != "dev" and self.reviewer_token() == DEV_TOKEN:
+            raise ValueError(f"approval_token is the dev default {DEV_TOKEN!r}; set a real one outside dev")
         return self
+
+    def reviewer_token(self) -> str:
+        """The bearer token reviewers present: the configured one, or `dev-token` in dev mode only."""
+        if self.approval_token is not None:
+            return self.approval_token.get_secret_value()
+        if self.environment != "dev":  # unreachable after validation; kept so no path yields a default
+            raise ValueError("approval_token is required outside dev")
+        return DEV_TOKEN
 
     def _secrets(self) -> dict[str, SecretStr | None]:
         return {**super()._secrets(), "approval_token": self.approval_token}

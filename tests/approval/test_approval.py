@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -12,163 +10,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
-from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope, Source
 from schemas.events import (
-    Address,
     ApprovalDecisionIgnored,
-    ApprovalDecisionSubmitted,
     ApprovalDenied,
     ApprovalEscalated,
     ApprovalGranted,
     ApprovalRequested,
     ApprovalTimedOut,
     Event,
-    OrderCancellationRequested,
-    OrderDetails,
-    OrderLine,
     OrderPlaced,
-    PaymentCharged,
     PaymentDeclined,
 )
-from schemas.topics import (
-    APPROVAL_DECISIONS,
-    APPROVAL_EVENTS,
-    APPROVAL_STATE,
-    DEAD_LETTER,
-    ORDERS,
-    PAYMENT_EVENTS,
-    Topic,
+from schemas.topics import APPROVAL_DECISIONS, APPROVAL_STATE, ORDERS, PAYMENT_EVENTS
+from services.approval.app import build_app
+from services.approval.domain import CLOSED, ApprovalState, ApprovalStatus, Problem, rule_on_decision
+from services.approval.readmodel import ApprovalsView
+from services.approval.settings import DEV_TOKEN, ApprovalSettings
+from tests.approval.support import (
+    DAY,
+    T0,
+    Harness,
+    cancel,
+    charged,
+    decision,
+    details,
+    events,
+    only,
+    pending,
 )
-from services.approval.app import ApprovalApp, build_app
-from services.approval.domain import (
-    CLOSED,
-    DEADLINES_KEY,
-    ApprovalState,
-    ApprovalStatus,
-    DeadlineIndex,
-    Problem,
-    rule_on_decision,
-)
-from services.approval.settings import ApprovalSettings
-from services.approval.views import find_approval, list_approvals
-from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import order_key, partition_for
-
-T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-DAY = timedelta(hours=24)
-
-
-# --- harness ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Out:
-    topic: str
-    key: str | None
-    envelope: Envelope | None
-    dead_letter: DeadLetter | None
-
-
-class Harness:
-    """Every task of the app with an in-memory store and changelog; each feed or tick is one committed batch."""
-
-    def __init__(self, app_settings: ApprovalSettings | None = None) -> None:
-        self.settings = app_settings or ApprovalSettings(_env_file=None)
-        self.app: ApprovalApp = build_app(self.settings)
-        self.stores = {p: KeyedStore() for p in range(self.settings.partitions)}
-        self.changelog: dict[int, list[tuple[str, bytes | None]]] = {p: [] for p in self.stores}
-        self._offsets = itertools.count()
-
-    def partition(self, order_id: str) -> int:
-        return partition_for(order_id.encode(), self.settings.partitions)
-
-    def feed(self, topic: Topic, envelope: Envelope) -> list[Out]:
-        return self.feed_raw(topic, envelope.key, envelope.to_bytes(), self.partition(envelope.order_id))
-
-    def feed_raw(self, topic: Topic, key: bytes | None, value: bytes | None, partition: int) -> list[Out]:
-        message = Incoming(topic, partition, next(self._offsets), key, value, 0)
-        return self._run(partition, lambda task: self.app.process(task, message))
-
-    def tick(self, now: datetime) -> list[Out]:
-        return [out for p in self.stores for out in self._run(p, lambda task: self.app.tick(task, now))]
-
-    def restart(self) -> None:
-        """A new instance of the app, its stores restored from the changelog as the runner does."""
-        self.app = build_app(self.settings)
-        self.stores = {p: KeyedStore() for p in self.stores}
-        for p, records in self.changelog.items():
-            for key, value in records:
-                self.stores[p].restore(key, value)
-
-    def state(self, order_id: str) -> ApprovalState | None:
-        return self.stores[self.partition(order_id)].get(order_key(order_id), ApprovalState)
-
-    def index(self, order_id: str) -> DeadlineIndex:
-        store = self.stores[self.partition(order_id)]
-        return store.get(DEADLINES_KEY, DeadlineIndex) or DeadlineIndex()
-
-    def _run(self, partition: int, work: object) -> list[Out]:
-        store = self.stores[partition]
-        task = TaskContext(partition, self.settings, self.app.name, store)
-        assert callable(work)
-        work(task)
-        self.changelog[partition].extend(store.pending_changes().items())
-        store.commit()
-        outs = []
-        for out in task.outbox:
-            assert out.value is not None
-            key = out.key.decode() if out.key is not None else None
-            if out.topic == self.settings.topic(DEAD_LETTER):
-                outs.append(Out(out.topic, key, None, DeadLetter.model_validate_json(out.value)))
-            else:
-                outs.append(Out(out.topic, key, Envelope.from_bytes(out.value), None))
-        return outs
-
-
-def details(total: str = "1000.00", country: str = "FR") -> OrderDetails:
-    return OrderDetails(
-        customer_id="cust-1",
-        items=[OrderLine(sku="sku-a", quantity=1, unit_price=Decimal(total))],
-        currency="EUR",
-        ship_to=Address(country=country),
-    )
-
-
-def charged(order_id: str, total: str = "1000.00", at: datetime = T0) -> Envelope:
-    order = details(total)
-    event = PaymentCharged(order=order, amount=order.total, currency="EUR")
-    return Envelope.new(event, order_id=order_id, source=Source.PAYMENT, occurred_at=at)
-
-
-def decision(
-    order_id: str, approved: bool = True, reviewer: str = "alice", at: datetime = T0, comment: str | None = None
-) -> Envelope:
-    event = ApprovalDecisionSubmitted(approved=approved, reviewer=reviewer, comment=comment)
-    return Envelope.new(event, order_id=order_id, source=Source.CLIENT, occurred_at=at)
-
-
-def cancel(order_id: str, reason: str = "changed my mind") -> Envelope:
-    return Envelope.new(OrderCancellationRequested(reason=reason), order_id=order_id, source=Source.CLIENT)
-
-
-def events(outs: list[Out]) -> list[Event]:
-    return [out.envelope.data for out in outs if out.envelope is not None]
-
-
-def only(outs: list[Out]) -> Envelope:
-    [out] = outs
-    assert out.envelope is not None
-    assert out.topic == APPROVAL_EVENTS.name
-    assert out.key == out.envelope.order_id
-    assert out.envelope.source is Source.APPROVAL
-    return out.envelope
-
-
-def pending(h: Harness, order_id: str = "o-1", at: datetime = T0) -> Envelope:
-    """Bring the order to a pending approval; the ApprovalRequested envelope."""
-    return only(h.feed(PAYMENT_EVENTS, charged(order_id, "1500.00", at)))
-
 
 # --- settings ---------------------------------------------------------------------------------
 
@@ -209,8 +79,22 @@ def test_token_is_required_and_real_outside_dev() -> None:
         ApprovalSettings(_env_file=None, environment="production")
     with pytest.raises(ValidationError, match="placeholder"):
         ApprovalSettings(_env_file=None, environment="test", approval_token=SecretStr("changeme"))
+    with pytest.raises(ValidationError, match="dev default"):
+        ApprovalSettings(_env_file=None, environment="production", approval_token=SecretStr(DEV_TOKEN))
     real = ApprovalSettings(_env_file=None, environment="production", approval_token=SecretStr("s3cr3t-t0ken"))
-    assert real.approval_token is not None
+    assert real.reviewer_token() == "s3cr3t-t0ken"
+
+
+def test_dev_mode_has_a_default_token_and_a_configured_one_wins() -> None:
+    assert ApprovalSettings(_env_file=None).reviewer_token() == DEV_TOKEN
+    assert ApprovalSettings(_env_file=None, approval_token=SecretStr("mine")).reviewer_token() == "mine"
+
+
+def test_http_host_and_port_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHOREO_APPROVAL_HTTP_HOST", "0.0.0.0")
+    monkeypatch.setenv("CHOREO_APPROVAL_HTTP_PORT", "0")
+    s = ApprovalSettings(_env_file=None)
+    assert (s.approval_http_host, s.approval_http_port) == ("0.0.0.0", 0)
 
 
 def test_app_reads_payments_decisions_and_orders_and_keeps_its_own_changelog() -> None:
@@ -528,29 +412,81 @@ def test_rule_on_decision_distinguishes_missing_from_closed() -> None:
         assert rule_on_decision(closed, T0 - DAY).problem is Problem.CONFLICT
 
 
-def test_list_approvals_by_status_and_find_one() -> None:
+def view_of(h: Harness) -> ApprovalsView:
+    """The reviewer API's read model, fed with everything the harness's tasks wrote to their changelogs."""
+    view = ApprovalsView()
+    for records in h.changelog.values():
+        for key, value in records:
+            view.apply(key, value)
+    view.mark_caught_up()
+    return view
+
+
+def test_read_model_lists_by_status_from_every_partition() -> None:
     h = Harness()
+    pending(h, "o-pending-late", T0 + timedelta(hours=1))
     pending(h, "o-pending")
     pending(h, "o-approved")
-    h.feed(APPROVAL_DECISIONS, decision("o-approved"))
-    h.feed(PAYMENT_EVENTS, charged("o-small", "1.00"))
+    h.feed(APPROVAL_DECISIONS, decision("o-approved", at=T0 + timedelta(minutes=5)))
+    h.feed(PAYMENT_EVENTS, charged("o-small", "1.00", at=T0 + timedelta(minutes=9)))
     h.feed(ORDERS, cancel("o-never-charged"))
-    stores = list(h.stores.values())
+    pending(h, "o-cancelled")
+    h.feed(ORDERS, cancel("o-cancelled"))
+    assert len({h.partition(o) for o in ("o-pending", "o-approved", "o-small", "o-cancelled")}) > 1
 
-    assert [v.order_id for v in list_approvals(stores, ApprovalStatus.PENDING)] == ["o-pending"]
-    assert [v.order_id for v in list_approvals(stores, ApprovalStatus.GRANTED)] == ["o-approved", "o-small"]
-    assert sorted(v.order_id for v in list_approvals(stores)) == ["o-approved", "o-pending", "o-small"]
-    [view] = list_approvals(stores, ApprovalStatus.PENDING)
-    assert (view.amount, view.currency, view.customer_id, view.deadline) == (
-        Decimal("1500.00"),
-        "EUR",
-        "cust-1",
-        T0 + DAY,
-    )
-    found = find_approval(stores, "o-pending")
+    view = view_of(h)
+
+    page = view.page(ApprovalStatus.PENDING, 10, 0)
+    assert [s.order_id for s in page.items] == ["o-pending", "o-pending-late"]  # earliest deadline first
+    assert page.total == 2
+    assert [s.order_id for s in view.page(ApprovalStatus.GRANTED, 10, 0).items] == ["o-small", "o-approved"]
+    assert sorted(s.order_id for s in view.page(ApprovalStatus.CANCELLED, 10, 0).items) == [
+        "o-cancelled",
+        "o-never-charged",
+    ]
+    assert [s.order_id for s in view.page(ApprovalStatus.PENDING, 1, 1).items] == ["o-pending-late"]
+    assert view.page(ApprovalStatus.PENDING, 10, 5).items == []
+    found = view.get("o-pending")
     assert found is not None
+    assert found.handled == {}  # the deduplication record stays on the stream side
     assert rule_on_decision(found, T0).accepted
-    assert find_approval(stores, "o-unknown") is None
+    assert view.get("o-unknown") is None
+
+
+def test_read_model_follows_updates_and_tombstones_and_skips_the_deadline_index() -> None:
+    h = Harness()
+    pending(h)
+    view = view_of(h)
+    before = len(view)
+    h.feed(APPROVAL_DECISIONS, decision("o-1"))
+    for key, value in h.changelog[h.partition("o-1")][-2:]:
+        view.apply(key, value)
+    state = view.get("o-1")
+    assert state is not None
+    assert state.status is ApprovalStatus.GRANTED
+    assert len(view) == before == 1
+    view.apply("order:o-1", None)
+    assert view.get("o-1") is None
+    view.apply("order:o-bad", b"{not json")
+    assert view.get("o-bad") is None
+
+
+def test_a_claim_holds_until_the_order_is_ruled() -> None:
+    h = Harness()
+    pending(h)
+    view = view_of(h)
+    assert view.claim("o-1", "d-1") is None
+    assert view.claim("o-1", "d-2") == "d-1"
+    view.release("o-1", "d-2")  # not the holder: no effect
+    assert view.claimed("o-1") == "d-1"
+    h.feed(APPROVAL_DECISIONS, decision("o-1"))
+    for key, value in h.changelog[h.partition("o-1")]:
+        view.apply(key, value)
+    assert view.claimed("o-1") is None
+    view.release("o-2", "d-9")
+    assert view.claim("o-2", "d-3") is None
+    view.release("o-2", "d-3")
+    assert view.claimed("o-2") is None
 
 
 # --- properties -------------------------------------------------------------------------------
