@@ -238,10 +238,11 @@ async def _only_declared_query(request: Request) -> None:
         )
 
 
-router = APIRouter(dependencies=[Depends(_only_declared_query)])
+approvals = APIRouter(dependencies=[Depends(_only_declared_query)])
+operations = APIRouter()
 
 
-@router.get("/approvals", response_model=ApprovalPage, responses={**UNAUTHORIZED, **INVALID, **UNAVAILABLE},
+@approvals.get("/approvals", response_model=ApprovalPage, responses={**UNAUTHORIZED, **INVALID, **UNAVAILABLE},
             tags=["approvals"])  # fmt: skip
 async def list_approvals(
     _reviewer: Reviewer,
@@ -257,7 +258,7 @@ async def list_approvals(
     return ApprovalPage(items=items, total=page.total, limit=limit, offset=offset)
 
 
-@router.get("/approvals/{order_id}", response_model=ApprovalOut,
+@approvals.get("/approvals/{order_id}", response_model=ApprovalOut,
             responses={**UNAUTHORIZED, **NOT_FOUND, **INVALID, **UNAVAILABLE}, tags=["approvals"])  # fmt: skip
 async def get_approval(order_id: OrderIdParam, _reviewer: Reviewer, view: View) -> ApprovalOut:
     """Read one order's approval."""
@@ -268,7 +269,7 @@ async def get_approval(order_id: OrderIdParam, _reviewer: Reviewer, view: View) 
     return ApprovalOut.of(state, shown, view.claimed(order_id))
 
 
-@router.post("/approvals/{order_id}/decision", status_code=status.HTTP_202_ACCEPTED, response_model=DecisionAccepted,
+@approvals.post("/approvals/{order_id}/decision", status_code=status.HTTP_202_ACCEPTED, response_model=DecisionAccepted,
              responses={**UNAUTHORIZED, **NOT_FOUND, **CONFLICT, **INVALID, **UNAVAILABLE},
              tags=["approvals"])  # fmt: skip
 async def submit_decision(
@@ -315,7 +316,7 @@ async def submit_decision(
     )
 
 
-@router.get("/health", response_model=HealthOut, tags=["operations"],
+@operations.get("/health", response_model=HealthOut, tags=["operations"],
             responses={503: {"model": HealthOut, "description": "Starting, or a part is not running."}})  # fmt: skip
 async def health(context: Context, response: Response) -> HealthOut:
     """Report whether the read model is loaded and the stream side runs (no token needed)."""
@@ -331,7 +332,7 @@ async def health(context: Context, response: Response) -> HealthOut:
     return HealthOut(status="ok" if healthy else "starting", checks=checks)
 
 
-@router.get("/", include_in_schema=False)
+@operations.get("/", include_in_schema=False)
 async def reviewer_page() -> FileResponse:
     """Serve the reviewer page."""
     return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
@@ -399,7 +400,8 @@ def create_api(
     )
     api.add_exception_handler(RequestValidationError, _invalid_request)
     api.add_exception_handler(StarletteHTTPException, _http_error)
-    api.include_router(router)
+    api.include_router(approvals)
+    api.include_router(operations)
     api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return api
 

@@ -88,10 +88,9 @@ class ReviewerApi:
         )
         server = _Server(config)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="reviewer-api")
+        up = asyncio.create_task(server.up.wait())
         try:
-            up = asyncio.create_task(server.up.wait())
             await asyncio.wait([serving, up], return_when=asyncio.FIRST_COMPLETED)
-            up.cancel()
             if server.started:
                 self.listening.set()
                 log.info("reviewer API listening", extra={"host": host, "port": self.port})
@@ -102,7 +101,10 @@ class ReviewerApi:
                 await serving
             raise
         finally:
+            up.cancel()
             sock.close()
+        # Only cancellation ends the API in a running service; anything else must not go unnoticed.
+        raise RuntimeError("the reviewer API stopped on its own")
 
     def _readiness(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {
