@@ -325,6 +325,7 @@ def service_env(settings: ChoreoSettings, catalog: Path) -> dict[str, str]:
         "CHOREO_ENVIRONMENT": "test",
         "CHOREO_APPROVAL_TOKEN": f"bench-{secrets.token_hex(16)}",
         "CHOREO_HEALTH_PORT": "0",
+        "CHOREO_APPROVAL_HTTP_PORT": "0",
         "CHOREO_INVENTORY_CATALOG": str(catalog),
     }
 

@@ -256,7 +256,9 @@ class TransactionalRunner:
         log.info("service started", extra={"service": self.app.name, "group": self.group_id})
         try:
             while not self._stopping.is_set():
-                batch = await consumer.getmany(timeout_ms=int(self.tick_interval * 1000))
+                # Wait no longer than the next tick is due, so timers fire on time under any load.
+                until_tick = self._last_tick + self.tick_interval - time.monotonic()
+                batch = await consumer.getmany(timeout_ms=max(0, int(until_tick * 1000)))
                 async with self._work_lock:
                     await self._process(batch)
                     await self._maybe_tick()
