@@ -1,0 +1,1 @@
+"""The eternal monitor: service health and saga SLAs, with its whole state in the compacted `monitor.state`."""

@@ -1,0 +1,276 @@
+"""The monitor as a faust app: an agent on `audit`, two timers, a table on `monitor.state`, a web server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.web import Request, Response, View
+
+from schemas.envelope import Envelope
+from schemas.topics import AUDIT, MONITOR_ALERTS, MONITOR_STATE
+from services.monitor.domain import SAGA_PREFIX, SERVICE_PREFIX, STATS_PREFIX, PartitionStats, SagaRecord, ServiceHealth
+from services.monitor.engine import MonitorEngine
+from services.monitor.probes import HttpProbe, LogProbe
+from services.monitor.settings import MonitorSettings
+from services.monitor.store import PartitionedTable, TableStore
+from services.monitor.views import services_document, stuck_document
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "state"
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.05
+
+
+# --- faust reads uncommitted records unless exactly_once is on ---------------------------------------
+# `audit` is written in transactions; an aborted one must not count as a saga step. faust chooses the
+# isolation level only from processing_guarantee, so the consumer is switched to read_committed here.
+
+
+class _ReadCommittedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+
+class _ReadCommittedConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> Any:
+        return _ReadCommittedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _ReadCommittedTransport(faust_aiokafka.Transport):
+    Consumer = _ReadCommittedConsumer
+
+
+class MonitorFaustApp(faust.App):
+    def _new_transport(self) -> Any:
+        return _ReadCommittedTransport(self.conf.broker_consumer, self)
+
+
+# --- wiring -------------------------------------------------------------------------------------------
+
+
+class _Ports:
+    """The engine's view of Kafka and HTTP, over the faust app."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.http = HttpProbe()
+        self.log = LogProbe(monitor.settings)
+
+    async def send_alert(self, envelope: Envelope) -> None:
+        sent = await self.monitor.alerts.send(key=envelope.key, value=envelope.to_bytes(), force=True)
+        await sent
+
+    async def flush(self) -> None:
+        await self.monitor.table.acknowledged()
+
+    async def check(self, url: str, timeout_s: float) -> tuple[bool, str]:
+        return await self.http.check(url, timeout_s)
+
+    async def alert_published(self, pending: Any) -> bool:
+        return await self.log.alert_published(pending)
+
+    async def caught_up(self, partition: int, processed_offset: int) -> bool:
+        return await self.log.caught_up(partition, processed_offset)
+
+    def owned_partitions(self) -> set[int]:
+        return self.monitor.owned_partitions()
+
+    async def resume_offsets(self) -> dict[int, int]:
+        return await self.log.resume_offsets(self.monitor.app.conf.id)
+
+
+class Monitor:
+    """One monitor instance: `app` is the faust app to start; `port` serves /health and /monitor/*."""
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = settings
+        self.port = settings.health_port or _free_port(settings.health_host)
+        self.app = MonitorFaustApp(
+            id=settings.group("monitor"),
+            broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
+            broker_credentials=_credentials(settings),
+            store="memory://",
+            topic_partitions=settings.partitions,
+            topic_replication_factor=settings.replication_factor,
+            # Topics come from the registry (services.common.topics), never from faust's defaults.
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            table_standby_replicas=0,
+            consumer_auto_offset_reset="earliest",
+            consumer_group_instance_id=settings.monitor_instance_id,
+            broker_session_timeout=settings.monitor_session_timeout,
+            broker_heartbeat_interval=min(3.0, settings.monitor_session_timeout / 3),
+            web_enabled=True,
+            web_bind=settings.health_host,
+            web_port=self.port,
+            web_host=settings.health_host,
+            datadir=Path(tempfile.gettempdir()) / "choreo-monitor",
+        )
+        raw: dict[str, Any] = {
+            "key_type": bytes,
+            "value_type": bytes,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+        }
+        self.audit = self.app.topic(settings.topic(AUDIT), **raw)
+        self.alerts = self.app.topic(settings.topic(MONITOR_ALERTS), **raw)
+        changelog = self.app.topic(
+            settings.topic(MONITOR_STATE),
+            **raw,
+            partitions=settings.partitions,
+            compacting=True,
+            # Table recovery reads it in large batches; no commit is attached to changelog reads.
+            maxsize=131_072,
+            allow_empty=True,
+        )
+        self.table = PartitionedTable(
+            self.app,
+            name=TABLE_NAME,
+            beacon=self.app.tables.beacon,
+            changelog_topic=changelog,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.partitions,
+        )
+        self.app.tables.add(self.table)
+        self.ports = _Ports(self)
+        self.engine = MonitorEngine(settings, TableStore(self.table), self.ports)
+        self._gate = asyncio.Lock()
+        self._reconciled_at: int | None = None
+        self._wire()
+
+    # --- state of the instance ----------------------------------------------------------------------
+
+    def owned_partitions(self) -> set[int]:
+        audit = self.settings.topic(AUDIT)
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == audit}
+
+    @property
+    def recovered(self) -> bool:
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        return bool(recovery.completed.is_set() and not recovery.in_recovery and not self.app.rebalancing)
+
+    async def ready(self) -> bool:
+        """Recovered, and whatever a crash left half done is settled, for the current assignment."""
+        if not self.recovered:
+            return False
+        generation = self.app.rebalancing_count
+        if self._reconciled_at == generation:
+            return True
+        async with self._gate:
+            if self._reconciled_at != generation:
+                await self.engine.reconcile()
+                self._reconciled_at = generation
+        return True
+
+    def services(self) -> list[ServiceHealth]:
+        records = (self.engine.load(key, ServiceHealth) for key in self.engine.store.keys(SERVICE_PREFIX))
+        return sorted((r for r in records if r is not None), key=lambda r: r.service)
+
+    def sagas(self) -> list[SagaRecord]:
+        records = (self.engine.load(key, SagaRecord) for key in self.engine.store.keys(SAGA_PREFIX))
+        return [r for r in records if r is not None]
+
+    def stats(self) -> list[PartitionStats]:
+        records = (self.engine.load(key, PartitionStats) for key in self.engine.store.keys(STATS_PREFIX))
+        return [r for r in records if r is not None]
+
+    async def close(self) -> None:
+        await self.ports.http.close()
+        await self.ports.log.close()
+
+    # --- faust agent, timers and pages --------------------------------------------------------------
+
+    def _wire(self) -> None:
+        app, engine, settings = self.app, self.engine, self.settings
+
+        @app.agent(self.audit, name="follow-audit")
+        async def follow_audit(stream: Any) -> None:
+            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+                for event in events:
+                    message = event.message
+                    try:
+                        engine.apply(message.partition, message.offset, message.value)
+                    except Exception:
+                        log.exception("audit record not applied", extra={"offset": message.offset})
+                engine.end_batch()
+                # Offsets are acknowledged when this returns: the state they imply must be on the broker.
+                await self.table.acknowledged()
+
+        health_tick = max(0.01, min(1.0, settings.unhealthy_interval / 2, settings.monitor_interval / 2))
+
+        @app.timer(health_tick, name="health-checks")  # type: ignore[untyped-decorator]
+        async def health_checks() -> None:
+            await self._guarded(engine.check_health)
+
+        @app.timer(settings.sla_tick, name="saga-sla")  # type: ignore[untyped-decorator]
+        async def saga_sla() -> None:
+            await self._guarded(engine.check_sagas)
+
+        @app.page("/health")
+        async def health(view: View, request: Request) -> Response:
+            ready = self.recovered
+            body = {
+                "service": "monitor",
+                "status": "ok" if ready else "starting",
+                "partitions": sorted(self.owned_partitions()),
+                "checks": engine.checks_done,
+                "sla_rounds": engine.sla_rounds,
+                "alerts": engine.alerts_sent,
+            }
+            return view.json(body, status=200 if ready else 503)
+
+        @app.page("/monitor/services")
+        async def services(view: View, request: Request) -> Response:
+            return view.json(services_document(self.services()))
+
+        @app.page("/monitor/sagas/stuck")
+        async def stuck(view: View, request: Request) -> Response:
+            return view.json(stuck_document(self.sagas(), self.stats(), settings.monitor_saga_sla))
+
+    async def _guarded(self, work: Any) -> None:
+        try:
+            if await self.ready():
+                await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A broker or HTTP hiccup must not stop the timer; the next tick tries again.
+            log.exception("monitor tick failed")
+
+
+def build_app(settings: MonitorSettings) -> Monitor:
+    return Monitor(settings)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _credentials(settings: MonitorSettings) -> Any:
+    protocol = settings.security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = settings.kafka_options().get("ssl_context")
+    if protocol.startswith("SASL"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password is not None else None
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=password,
+            mechanism=settings.sasl_mechanism or "PLAIN",
+            ssl_context=ssl_context,
+        )
+    return faust.SSLCredentials(ssl_context)
