@@ -30,24 +30,18 @@ from services.approval.domain import (
     ApprovalStatus,
     rule_on_decision,
 )
-from services.common.saga import Handler, Reaction
+from services.common.saga import Handler, Reaction, payload
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
 
 
-def _data(envelope: Envelope, event_type: type[E]) -> E:
-    if not isinstance(envelope.data, event_type):
-        raise TypeError(f"expected {event_type.__name__}, got {envelope.type}")
-    return envelope.data
-
-
 def on_payment_charged(policy: ApprovalPolicy, state: ApprovalState, envelope: Envelope) -> Reaction[ApprovalState]:
     if state.cancelled or state.status is not ApprovalStatus.AWAITING_PAYMENT:
         log.info("charge ignored", extra={"order_id": state.order_id, "status": state.status.value})
         return Reaction(state)
-    charged = _data(envelope, PaymentCharged)
+    charged = payload(envelope, PaymentCharged)
     common = {"order": charged.order, "amount": charged.amount, "currency": charged.currency}
     if not policy.needs_review(charged.amount):
         granted = ApprovalGranted(order=charged.order, reviewer=SYSTEM_REVIEWER, reason=BELOW_THRESHOLD)
@@ -76,7 +70,7 @@ def on_payment_charged(policy: ApprovalPolicy, state: ApprovalState, envelope: E
 
 
 def on_decision_submitted(state: ApprovalState, envelope: Envelope) -> Reaction[ApprovalState]:
-    decision = _data(envelope, ApprovalDecisionSubmitted)
+    decision = payload(envelope, ApprovalDecisionSubmitted)
     # The submission time rules, not the processing time: a decision made in time is not lost to consumer lag.
     ruling = rule_on_decision(state, envelope.occurred_at)
     if not ruling.accepted:

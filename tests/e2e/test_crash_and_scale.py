@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.envelope import Envelope, Source
 from schemas.events import Address, OrderCancellationRequested, OrderLine, OrderPlaced
@@ -35,7 +34,7 @@ from services.common.saga import partition_for
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
 from tests.e2e.processes import ProcessStack, ServiceProcess
-from tests.support import eventually
+from tests.support import eventually, read_topic
 
 log = logging.getLogger(__name__)
 
@@ -229,41 +228,11 @@ def barrier_orders(rng: random.Random, partitions: int, prefix: str) -> list[Pla
 # --- reading back what happened -----------------------------------------------------------------
 
 
-async def read_all(settings: ChoreoSettings, topic: Topic) -> list[Any]:
-    """Every committed record of `topic` now, partition by partition.
-
-    Assigns the partitions by number (every topic has `settings.partitions`, as `ensure_topics`
-    made them) rather than from the client's metadata cache, which may not list a topic yet, and
-    starts from the earliest offset by configuration: with the default `latest` followed by
-    `seek_to_beginning`, a fetch begun at the end before the seek sometimes reads nothing at all.
-    """
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_options(),
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        name = settings.topic(topic)
-        partitions = [TopicPartition(name, p) for p in range(settings.partitions)]
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        records: list[Any] = []
-        for tp in partitions:
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                records.extend(batch.get(tp, []))
-        return records
-    finally:
-        await consumer.stop()
-
-
 async def audit_timelines(settings: ChoreoSettings) -> tuple[dict[str, list[Envelope]], list[str]]:
     """Audit envelopes by order, and every event id seen more than once on the audit topic."""
     timelines: dict[str, list[Envelope]] = defaultdict(list)
     ids: Counter[str] = Counter()
-    for record in await read_all(settings, AUDIT):
+    for record in await read_topic(settings, AUDIT):
         envelope = Envelope.from_bytes(record.value)
         timelines[envelope.order_id].append(envelope)
         ids[str(envelope.event_id)] += 1
@@ -273,7 +242,7 @@ async def audit_timelines(settings: ChoreoSettings) -> tuple[dict[str, list[Enve
 async def latest_state(settings: ChoreoSettings, changelog: Topic, prefix: str) -> dict[str, dict[str, Any]]:
     """The latest value per key of a changelog, keys starting with `prefix` (prefix stripped)."""
     latest: dict[str, dict[str, Any]] = {}
-    for record in await read_all(settings, changelog):
+    for record in await read_topic(settings, changelog):
         key = record.key.decode()
         if not key.startswith(prefix):
             continue
@@ -414,7 +383,7 @@ async def violations(settings: ChoreoSettings, orders: Sequence[PlannedOrder], c
                 f"= {net}, completed orders total {owed[customer]}"
             )
 
-    for record in await read_all(settings, DEAD_LETTER):
+    for record in await read_topic(settings, DEAD_LETTER):
         letter = json.loads(record.value)
         problems.append(f"dead letter from {letter.get('consumer')}: {letter.get('reason')} ({letter.get('topic')})")
     return problems
