@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -13,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope, Source
 from schemas.events import (
     Address,
@@ -31,12 +28,12 @@ from schemas.events import (
     ShippingFailed,
     StockLine,
 )
-from schemas.topics import APPROVAL_EVENTS, DEAD_LETTER, ORDERS, SHIPPING_EVENTS, SHIPPING_STATE, Topic
-from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import order_key, partition_for
+from schemas.topics import APPROVAL_EVENTS, DEAD_LETTER, ORDERS, SHIPPING_EVENTS, SHIPPING_STATE
+from services.common.saga import order_key
 from services.shipping.app import ShippingApp, build_app
 from services.shipping.domain import ShippingOrderState, ShippingStatus, shipment_id_for
 from services.shipping.settings import DEFAULT_SHIPPING_COUNTRIES, EU_MEMBERS, ShippingSettings
+from tests.app_harness import AppHarness, Out
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -44,43 +41,11 @@ NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 # --- harness ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Out:
-    topic: str
-    key: str | None
-    envelope: Envelope | None
-    dead_letter: DeadLetter | None
-
-
-class Harness:
-    """Every task of the app with an in-memory store; each fed record is one committed batch."""
+class Harness(AppHarness[ShippingApp, ShippingSettings]):
+    """The shipping app over every task, without a broker."""
 
     def __init__(self, settings: ShippingSettings | None = None) -> None:
-        self.settings = settings or ShippingSettings(_env_file=None)
-        self.app: ShippingApp = build_app(self.settings)
-        self.stores = {p: KeyedStore() for p in range(self.settings.partitions)}
-        self._offsets = itertools.count()
-
-    def partition(self, order_id: str) -> int:
-        return partition_for(order_id.encode(), self.settings.partitions)
-
-    def feed(self, topic: Topic, envelope: Envelope) -> list[Out]:
-        return self.feed_raw(topic, envelope.key, envelope.to_bytes(), self.partition(envelope.order_id))
-
-    def feed_raw(self, topic: Topic, key: bytes | None, value: bytes | None, partition: int) -> list[Out]:
-        store = self.stores[partition]
-        task = TaskContext(partition, self.settings, self.app.name, store)
-        self.app.process(task, Incoming(topic, partition, next(self._offsets), key, value, 0))
-        store.commit()
-        outs = []
-        for out in task.outbox:
-            key_text = out.key.decode() if out.key is not None else None
-            assert out.value is not None
-            if out.topic == self.settings.topic(DEAD_LETTER):
-                outs.append(Out(out.topic, key_text, None, DeadLetter.model_validate_json(out.value)))
-            else:
-                outs.append(Out(out.topic, key_text, Envelope.from_bytes(out.value), None))
-        return outs
+        super().__init__(settings or ShippingSettings(_env_file=None), build_app)
 
     def state(self, order_id: str) -> ShippingOrderState | None:
         return self.stores[self.partition(order_id)].get(order_key(order_id), ShippingOrderState)
