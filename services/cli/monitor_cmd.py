@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from services.common.settings import ChoreoSettings
 from services.monitor.reader import StateTopicMissingError, read_state
@@ -48,7 +49,11 @@ def _monitor(args: argparse.Namespace, settings: ChoreoSettings) -> int:
 
 def _from_topic(settings: ChoreoSettings) -> tuple[dict[str, Any], dict[str, Any]]:
     state = asyncio.run(read_state(settings))
-    sla = MonitorSettings().monitor_saga_sla
+    # Only shown: which orders are stuck is recorded in the state itself.
+    try:
+        sla = MonitorSettings().monitor_saga_sla
+    except ValidationError:
+        sla = MonitorSettings.model_fields["monitor_saga_sla"].default
     return services_document(state.services()), stuck_document(state.sagas(), state.stats(), sla)
 
 

@@ -286,7 +286,7 @@ def stuck_alert(saga: SagaRecord, now: datetime, sla_seconds: float) -> Envelope
 
 BUCKET_BASE = 0.01  # seconds: the upper bound of bucket 0
 BUCKET_FACTOR = 1.25  # each bucket is 25 % wider than the one before: percentiles within 25 %
-BUCKETS = 80  # bucket 80 holds everything above 0.01 * 1.25**79 s (about 4.5 days)
+BUCKETS = 80  # bucket 80 holds everything above 0.01 * 1.25**79 s (about 5 days)
 
 
 def bucket_of(seconds: float) -> int:

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 HEALTH_PARTITION = 0
 # Orders remembered after their terminal event, so that a straggler (a placement overtaken by its own
 # cancellation) does not reopen them; bounded, and rebuilt empty after a restart.
-RECENTLY_FINISHED = 10_000
+RECENTLY_FINISHED = 1_000
 # The alert's record timestamp is taken by the producer after `since_ms`; the margin covers clock steps.
 CLOCK_MARGIN_MS = 1_000
 
