@@ -1,19 +1,27 @@
-"""End-to-end saga benchmark: N mixed orders through the five services running as processes.
+"""`choreo bench`: sagas per second, latency and cost, against the raw Kafka path in the same run.
 
-    python -m benchmarks.saga_bench [--orders 1000]
-        [--mix completed=70,rejected=10,declined=10,shipping_failed=10]
-        [--rate R] [--bootstrap HOST:PORT] [--json PATH]
+    python -m benchmarks.saga_bench [--quick] [--mix completed=70,rejected=10,declined=10,shipping_failed=10]
+        [--json PATH] [--png PATH] [--bootstrap HOST:PORT] [--skip-raw]
 
 Starts a throwaway local broker (unless --bootstrap names one), provisions the topics under a
-unique prefix, runs inventory, payment, approval, shipping and audit as subprocesses, warms them
-up with one order of every outcome, then publishes the measured orders and follows the audit
-topic until every order has its terminal event. Totals stay below the approval threshold, so no
-reviewer is involved; the outcome comes from the order itself: an unknown SKU is rejected, the
-customer `no-credit` is declined and the destination AQ is not served.
+unique prefix and runs inventory, payment, approval, shipping and audit as processes. Then:
 
-Latency is measured per order from its OrderPlaced `occurred_at` to the terminal event, twice:
-to the terminal's own `occurred_at` (when the saga ended) and to the audit record carrying it
-(when an observer could see it). Both sides read the same wall clock, since everything runs here.
+1. Sweep: the orders are offered at a rising rate, one step at a time. Each step publishes at a
+   steady rate for a fixed time while the saga lag (orders placed whose terminal event has not yet
+   reached the audit topic) is sampled. A step is flat when that lag does not grow (see FLAT below);
+   the highest flat rate is the sustainable throughput, split into completed and compensated.
+2. Latency: the orders are offered at 50% of that rate; order -> terminal event and failure event
+   -> OrderCancelled percentiles.
+3. Baseline: the services stop and a raw aiokafka pipeline (benchmarks.raw_pipeline: the same ten
+   hops and the same message bytes, no logic, no state, no transactions) is swept the same way
+   through the same broker.
+
+Totals stay below the approval threshold, so no reviewer is involved; the outcome comes from the
+order itself: an unknown SKU is rejected by inventory, the customer `no-credit` is declined by
+payment and the destination AQ is not served by shipping (three compensations at three steps).
+
+Latency is measured from the OrderPlaced `occurred_at` (stamped just before sending) to the
+terminal event's own `occurred_at`; every process reads the same wall clock, as all run here.
 """
 
 from __future__ import annotations
@@ -47,14 +55,24 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.structs import RecordMetadata
 
+from benchmarks import raw_pipeline
 from schemas.envelope import Envelope, Source
-from schemas.events import Address, OrderCancelled, OrderCompleted, OrderLine, OrderPlaced
+from schemas.events import (
+    Address,
+    InventoryRejected,
+    OrderCancelled,
+    OrderCompleted,
+    OrderLine,
+    OrderPlaced,
+    PaymentDeclined,
+    ShippingFailed,
+)
 from schemas.topics import AUDIT, topic_of
 from services.common.broker import REPO_ROOT, BrokerSettings, LocalBroker, PortInUseError
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
-from services.common.topics import describe_topics, ensure_topics
+from services.common.topics import ensure_topics
 
 log = logging.getLogger("benchmarks.saga_bench")
 
@@ -62,6 +80,7 @@ SERVICES: tuple[str, ...] = ("audit", "shipping", "approval", "payment", "invent
 OUTCOMES: tuple[str, ...] = ("completed", "rejected", "declined", "shipping_failed")
 DEFAULT_MIX = "completed=70,rejected=10,declined=10,shipping_failed=10"
 TERMINAL_TYPES = frozenset({OrderCompleted.__name__, OrderCancelled.__name__})
+FAILURE_TYPES = frozenset({InventoryRejected.__name__, PaymentDeclined.__name__, ShippingFailed.__name__})
 EXPECTED_TERMINAL = {
     "completed": OrderCompleted.__name__,
     "rejected": OrderCancelled.__name__,
@@ -80,6 +99,18 @@ UNSERVED_COUNTRY = "AQ"
 STOP_TIMEOUT_S = 15.0
 PROGRESS_EVERY_S = 5.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# The definition of a flat lag, printed with the results.
+LAG_SAMPLE_S = 0.25
+FLAT_SLOPE_OF_RATE = 0.05
+FLAT_SLOPE_FLOOR = 1.0
+DRAIN_TIMEOUT_S = 10.0
+FLAT = (
+    "a step is flat when, after its first {settle:g} s, the least-squares slope of the saga lag "
+    f"(orders placed without a terminal event in the observed topic, sampled every {LAG_SAMPLE_S:g} s) "
+    f"is at most {FLAT_SLOPE_OF_RATE:.0%} of the offered rate per second (at least {FLAT_SLOPE_FLOOR:g}/s), "
+    f"and the lag drains to zero within {DRAIN_TIMEOUT_S:g} s after publishing stops"
+)
 
 
 # --- the orders --------------------------------------------------------------------------------
@@ -148,37 +179,40 @@ def plan_orders(prefix: str, count: int, mix: dict[str, int], rng: random.Random
     ]
 
 
-# --- watching the audit topic ------------------------------------------------------------------
+# --- watching the end of the pipeline ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Terminal:
-    type: str
-    occurred_at: datetime
-    record_ms: int
+class Ended:
+    type: str  # the terminal event type, or "raw" for the baseline
+    end_s: float  # epoch seconds: the terminal's occurred_at, or the last hop's record timestamp
+    failure_s: float | None = None  # epoch seconds of the failure event that started a compensation
 
 
-class AuditWatcher:
-    """Follows the audit topic (read_committed) and keeps the first terminal event of every order."""
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
-    def __init__(self, settings: ChoreoSettings) -> None:
+
+class Watcher:
+    """Follows one topic from its beginning and records when each order ended there."""
+
+    def __init__(self, settings: ChoreoSettings, topic: str, *, raw: bool) -> None:
         self.settings = settings
-        self.terminals: dict[str, Terminal] = {}
+        self.topic = topic
+        self.raw = raw
+        self.ended: dict[str, Ended] = {}
+        self.failures: dict[str, float] = {}
         self.records = 0
-        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        described = await describe_topics(self.settings, [AUDIT])
-        if not described:
-            raise RuntimeError(f"topic {self.settings.topic(AUDIT)} does not exist")
-        name = self.settings.topic(AUDIT)
-        partitions = [TopicPartition(name, number) for number in range(described[0].partitions)]
-        consumer = make_consumer(self.settings, group_id=None, max_poll_records=2000)
+        consumer = make_consumer(self.settings, group_id=None, max_poll_records=5000)
         await consumer.start()
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        self._task = asyncio.create_task(self._follow(consumer), name="audit-watcher")
+        # Every topic here has the settings' partition count: the registry's and the baseline's.
+        tps = [TopicPartition(self.topic, number) for number in range(self.settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._follow(consumer), name=f"watch-{self.topic}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -186,86 +220,106 @@ class AuditWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def check(self) -> None:
+        if self._task is not None and self._task.done():
+            self._task.result()
+            raise RuntimeError(f"the watcher of {self.topic} stopped")
+
     async def _follow(self, consumer: Any) -> None:
         try:
             while True:
-                batch = await consumer.getmany(timeout_ms=200)
+                batch = await consumer.getmany(timeout_ms=100)
                 for records in batch.values():
                     for record in records:
-                        self._take(record.value, record.timestamp)
-                if batch:
-                    self._changed.set()
+                        self.records += 1
+                        if self.raw:
+                            order_id = (record.key or b"").decode()
+                            if order_id not in self.ended:
+                                self.ended[order_id] = Ended("raw", record.timestamp / 1000)
+                        else:
+                            self._take(record.value)
         finally:
             await consumer.stop()
 
-    def _take(self, value: bytes | None, timestamp_ms: int) -> None:
-        self.records += 1
-        # Only the terminal events matter here; a full envelope validation of every record
-        # would spend this process's CPU, which the services compete for on a small machine.
+    def _take(self, value: bytes | None) -> None:
+        # Only terminal and failure events matter; a full envelope validation of every record would
+        # spend CPU the services compete for on a small machine.
         try:
             document = json.loads(value or b"")
         except ValueError:
             return
-        if not isinstance(document, dict) or document.get("type") not in TERMINAL_TYPES:
+        if not isinstance(document, dict):
             return
-        order_id = document.get("order_id")
-        if isinstance(order_id, str) and order_id not in self.terminals:
-            occurred = datetime.fromisoformat(str(document["occurred_at"]).replace("Z", "+00:00"))
-            self.terminals[order_id] = Terminal(str(document["type"]), occurred, timestamp_ms)
+        kind, order_id = document.get("type"), document.get("order_id")
+        if not isinstance(order_id, str):
+            return
+        if kind in FAILURE_TYPES and order_id not in self.failures:
+            self.failures[order_id] = _epoch(str(document["occurred_at"]))
+        elif kind in TERMINAL_TYPES and order_id not in self.ended:
+            self.ended[order_id] = Ended(str(kind), _epoch(str(document["occurred_at"])), self.failures.get(order_id))
 
-    async def wait_for(self, order_ids: Sequence[str], within_s: float, check: Callable[[], None], label: str) -> bool:
-        """True once every order has its terminal; False on timeout. `check` raises if a service died."""
+    def done(self, order_ids: Sequence[str]) -> int:
+        return sum(1 for order_id in order_ids if order_id in self.ended)
+
+    async def wait_for(self, order_ids: Sequence[str], within_s: float, check: Callable[[], None]) -> bool:
         deadline = time.monotonic() + within_s
-        next_progress = time.monotonic() + PROGRESS_EVERY_S
-        wanted = set(order_ids)
-        while True:
-            done = sum(1 for order_id in wanted if order_id in self.terminals)
-            if done == len(wanted):
-                return True
-            if self._task is not None and self._task.done():
-                self._task.result()
-                raise RuntimeError("the audit watcher stopped")
+        while self.done(order_ids) < len(order_ids):
+            self.check()
             check()
-            now = time.monotonic()
-            if now >= deadline:
-                log.error("%s: %d of %d orders ended before the timeout", label, done, len(wanted))
+            if time.monotonic() >= deadline:
                 return False
-            if now >= next_progress:
-                log.info("%s: %d/%d orders ended (%d audit records read)", label, done, len(wanted), self.records)
-                next_progress = now + PROGRESS_EVERY_S
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+            await asyncio.sleep(0.1)
+        return True
 
 
-# --- publishing --------------------------------------------------------------------------------
+# --- offering orders -----------------------------------------------------------------------------
 
 
-async def publish_orders(
-    settings: ChoreoSettings, orders: Sequence[PlannedOrder], rate: float | None
-) -> dict[str, datetime]:
-    """Send every order (paced at `rate` per second if given); returns each order's `occurred_at`."""
-    producer = make_producer(settings)
-    await producer.start()
-    placed_at: dict[str, datetime] = {}
-    try:
+class Offer:
+    """Publishes orders at a steady rate through one long-lived producer."""
+
+    def __init__(self, settings: ChoreoSettings, topic: str, *, raw: bool) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.raw = raw
+        self.producer = make_producer(settings, linger_ms=1, max_batch_size=512 * 1024)
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def publish(
+        self, orders: Sequence[PlannedOrder], rate: float | None, placed_at: dict[str, float], sent: list[str]
+    ) -> None:
+        """Sends `orders` (`rate` per second, or all at once); fills `placed_at` and `sent` as it goes."""
         pending: list[asyncio.Future[RecordMetadata]] = []
+        # The baseline carries the very bytes an OrderPlaced would; building them ahead keeps the
+        # publisher fast enough for the raw path's rates.
+        prebuilt = (
+            [Envelope.new(order.event, order_id=order.order_id, source=Source.CLIENT).to_bytes() for order in orders]
+            if self.raw
+            else []
+        )
         started = time.monotonic()
-        for number, order in enumerate(orders):
-            if rate is not None:
-                delay = started + number / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            # Stamped just before sending, so the latency includes the producer and the broker.
-            envelope = Envelope.new(order.event, order_id=order.order_id, source=Source.CLIENT)
-            placed_at[order.order_id] = envelope.occurred_at
-            topic = settings.topic(topic_of(OrderPlaced))
-            pending.append(await producer.send(topic, envelope.to_bytes(), key=envelope.key))
+        number = 0
+        while number < len(orders):
+            due = len(orders) if rate is None else min(len(orders), int((time.monotonic() - started) * rate) + 1)
+            while number < due:
+                order = orders[number]
+                if self.raw:
+                    value, placed = prebuilt[number], time.time()
+                else:
+                    envelope = Envelope.new(order.event, order_id=order.order_id, source=Source.CLIENT)
+                    value, placed = envelope.to_bytes(), envelope.occurred_at.timestamp()
+                placed_at[order.order_id] = placed
+                pending.append(await self.producer.send(self.topic, value, key=order.order_id.encode()))
+                sent.append(order.order_id)
+                number += 1
+            if number < len(orders) and rate is not None:
+                await asyncio.sleep(max(0.0, started + number / rate - time.monotonic()))
         await asyncio.gather(*pending)
-        log.info("published %d orders in %.2f s", len(orders), time.monotonic() - started)
-    finally:
-        await producer.stop()
-    return placed_at
 
 
 # --- the service processes -----------------------------------------------------------------------
@@ -330,56 +384,6 @@ def service_env(settings: ChoreoSettings, catalog: Path) -> dict[str, str]:
     }
 
 
-def spawn_services(env: dict[str, str], logs_dir: Path) -> list[ServiceProcess]:
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    started = []
-    for name in SERVICES:
-        log_path = logs_dir / f"{name}.log"
-        with open(log_path, "wb") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(ServiceProcess(name, process, log_path))
-        log.info("started %s (pid %d)", name, process.pid)
-    return started
-
-
-def health_port(log_path: Path) -> int | None:
-    """The /health port a service picked (CHOREO_HEALTH_PORT=0), from its start-up log line."""
-    try:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("message") == "health endpoint listening":
-                port = entry.get("port")
-                return port if isinstance(port, int) else None
-    return None
-
-
-async def runner_counts(service: ServiceProcess) -> tuple[int, int] | None:
-    """(records processed, batches committed) from the service's /health, or None if unavailable."""
-    port = health_port(service.log_path)
-    if port is None:
-        return None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-        writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        await writer.drain()
-        response = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        body = json.loads(response.split(b"\r\n\r\n", 1)[1])
-        return int(body["records"]), int(body["batches"])
-    except (OSError, TimeoutError, ValueError, KeyError, IndexError):
-        return None
-
-
 def stop_services(services: Sequence[ServiceProcess]) -> None:
     for service in services:
         if service.process.poll() is None:
@@ -435,6 +439,7 @@ class LatencySummary:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    p999_ms: float
     max_ms: float
     mean_ms: float
 
@@ -447,9 +452,57 @@ class LatencySummary:
             percentile(ordered, 0.50),
             percentile(ordered, 0.95),
             percentile(ordered, 0.99),
+            percentile(ordered, 0.999),
             ordered[-1] if ordered else math.nan,
             mean,
         )
+
+
+def slope(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x; 0 for fewer than two distinct x."""
+    if len(points) < 2:
+        return 0.0
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return 0.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
+@dataclass
+class Step:
+    offered_per_s: float
+    orders: int
+    achieved_per_s: float = 0.0
+    completed_per_s: float = 0.0
+    compensated_per_s: float = 0.0
+    lag_slope_per_s: float = 0.0
+    lag_max: int = 0
+    drained: bool = False
+    flat: bool = False
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    lag_samples: list[tuple[float, int]] = field(default_factory=list)
+
+
+@dataclass
+class PathFigures:
+    """One path (choreo or raw): its sweep, its sustainable rate and its latency at half of it."""
+
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    max_flat_per_s: float | None = None
+    throughput_per_s: float | None = None
+    completed_per_s: float | None = None
+    compensated_per_s: float | None = None
+    cpu_ms_per_saga: dict[str, float] = field(default_factory=dict)
+    latency_rate_per_s: float | None = None
+    latency: LatencySummary | None = None
+    latency_by_outcome: dict[str, LatencySummary] = field(default_factory=dict)
+    compensation: LatencySummary | None = None
+    unexpected_outcomes: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    compensation_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -457,113 +510,105 @@ class ProcessFigures:
     name: str
     pid: int
     cpu_s: float
-    cpu_s_measured: float
     peak_rss_mb: float
-    records: int | None = None
-    transactions: int | None = None
 
 
 @dataclass
 class Report:
-    orders: int
     mix: dict[str, int]
-    rate: float | None
     partitions: int
     bootstrap: str
     local_broker: bool
-    ended: int = 0
-    completed: int = 0
-    compensated: int = 0
-    unexpected_outcomes: int = 0
-    wall_s: float = math.nan
-    publish_s: float = math.nan
-    sagas_per_s: float = math.nan
-    completed_per_s: float = math.nan
-    compensated_per_s: float = math.nan
-    latency_to_terminal: LatencySummary | None = None
-    latency_to_audit: LatencySummary | None = None
-    latency_by_outcome: dict[str, LatencySummary] = field(default_factory=dict)
+    quick: bool
+    machine: dict[str, Any]
+    flat_definition: str
+    choreo: PathFigures = field(default_factory=lambda: PathFigures("choreo"))
+    raw: PathFigures | None = None
+    choreo_over_raw: float | None = None
     processes: list[ProcessFigures] = field(default_factory=list)
+    wall_s: float = math.nan
 
 
-def summarize(
-    report: Report,
-    orders: Sequence[PlannedOrder],
-    placed_at: dict[str, datetime],
-    terminals: dict[str, Terminal],
-) -> None:
-    ended = [order for order in orders if order.order_id in terminals]
-    report.ended = len(ended)
-    report.completed = sum(1 for order in ended if terminals[order.order_id].type == OrderCompleted.__name__)
-    report.compensated = report.ended - report.completed
-    report.unexpected_outcomes = sum(
-        1 for order in ended if terminals[order.order_id].type != EXPECTED_TERMINAL[order.outcome]
-    )
-    if not ended:
-        return
-    first_publish = min(placed_at.values())
-    last_terminal_ms = max(terminals[order.order_id].record_ms for order in ended)
-    report.wall_s = last_terminal_ms / 1000 - first_publish.timestamp()
-    report.publish_s = (max(placed_at.values()) - first_publish).total_seconds()
-    report.sagas_per_s = report.ended / report.wall_s
-    report.completed_per_s = report.completed / report.wall_s
-    report.compensated_per_s = report.compensated / report.wall_s
-    to_terminal = {
-        order.order_id: (terminals[order.order_id].occurred_at - placed_at[order.order_id]).total_seconds()
-        for order in ended
-    }
-    report.latency_to_terminal = LatencySummary.of(list(to_terminal.values()))
-    report.latency_to_audit = LatencySummary.of(
-        [terminals[order.order_id].record_ms / 1000 - placed_at[order.order_id].timestamp() for order in ended]
-    )
-    for outcome in OUTCOMES:
-        values = [to_terminal[order.order_id] for order in ended if order.outcome == outcome]
-        if values:
-            report.latency_by_outcome[outcome] = LatencySummary.of(values)
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu_model": model, "load_average_at_start": os.getloadavg()}
+
+
+def fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def render(report: Report) -> str:
     lines = [
-        "saga benchmark",
-        f"  orders              {report.orders} ({', '.join(f'{k}={v}' for k, v in report.mix.items() if v)})",
-        f"  rate                {'as fast as possible' if report.rate is None else f'{report.rate:g}/s'}",
-        f"  partitions          {report.partitions}",
-        f"  broker              {report.bootstrap} ({'local, started here' if report.local_broker else 'given'})",
-        f"  ended               {report.ended}/{report.orders}"
-        f" (completed {report.completed}, compensated {report.compensated},"
-        f" unexpected outcome {report.unexpected_outcomes})",
-        f"  publish time        {report.publish_s:.2f} s",
-        f"  wall time           {report.wall_s:.2f} s (first publish -> last terminal in the audit)",
-        f"  sagas/s             {report.sagas_per_s:.1f} (completed {report.completed_per_s:.1f},"
-        f" compensated {report.compensated_per_s:.1f})",
+        "choreo bench",
+        f"  machine        {report.machine.get('cpus')} cpus, {report.machine.get('cpu_model')}; load average"
+        f" {' '.join(f'{x:.1f}' for x in report.machine.get('load_average_at_start', ()))} at start,"
+        f" {' '.join(f'{x:.1f}' for x in report.machine.get('load_average_at_end', ()))} at end",
+        f"  broker         {report.bootstrap} ({'local, started here' if report.local_broker else 'given'}),"
+        f" {report.partitions} partitions per topic",
+        f"  mix            {', '.join(f'{k}={v}' for k, v in report.mix.items() if v)}",
+        f"  flat           {report.flat_definition}",
         "",
-        f"  {'latency (ms)':<32}{'n':>6}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}{'mean':>9}",
+        f"  {'sweep':<8}{'offered/s':>11}{'achieved/s':>12}{'completed/s':>13}{'compens./s':>12}"
+        f"{'lag slope/s':>13}{'lag max':>9}{'drained':>9}{'flat':>6}",
     ]
-
-    def row(label: str, summary: LatencySummary | None) -> None:
-        if summary is not None:
+    paths = [report.choreo] + ([report.raw] if report.raw is not None else [])
+    for path in paths:
+        for step in path.steps:
             lines.append(
-                f"  {label:<32}{summary.count:>6}{summary.p50_ms:>9.0f}{summary.p95_ms:>9.0f}"
-                f"{summary.p99_ms:>9.0f}{summary.max_ms:>9.0f}{summary.mean_ms:>9.0f}"
+                f"  {path.name:<8}{step.offered_per_s:>11.0f}{step.achieved_per_s:>12.1f}{step.completed_per_s:>13.1f}"
+                f"{step.compensated_per_s:>12.1f}{step.lag_slope_per_s:>13.1f}{step.lag_max:>9}"
+                f"{'yes' if step.drained else 'no':>9}{'yes' if step.flat else 'no':>6}"
             )
+    lines += ["", f"  {'throughput':<34}{'choreo':>12}{'raw':>12}"]
+    raw = report.raw
 
-    row("placed -> terminal occurred_at", report.latency_to_terminal)
-    row("placed -> terminal in audit", report.latency_to_audit)
-    for outcome, summary in report.latency_by_outcome.items():
-        row(f"  {outcome} (to terminal)", summary)
+    def pair(label: str, mine: float | None, theirs: float | None, spec: str = ".1f") -> None:
+        lines.append(f"  {label:<34}{fmt(mine, spec):>12}{fmt(theirs, spec):>12}")
+
+    pair("highest flat offered rate /s", report.choreo.max_flat_per_s, raw.max_flat_per_s if raw else None, ".0f")
+    pair("sagas/s at that rate", report.choreo.throughput_per_s, raw.throughput_per_s if raw else None)
+    pair("  completed/s", report.choreo.completed_per_s, None)
+    pair("  compensated/s", report.choreo.compensated_per_s, None)
+    lines.append(f"  {'choreo / raw':<34}{fmt(report.choreo_over_raw, '.1%'):>12}")
     lines += [
         "",
-        f"  {'process':<14}{'pid':>8}{'cpu s total':>13}{'cpu s measured':>16}{'peak rss MB':>13}"
-        f"{'records':>9}{'txns':>7}",
+        f"  {'latency (ms) at 50% of flat rate':<40}{'rate/s':>8}{'n':>7}{'p50':>8}{'p95':>8}{'p99':>8}"
+        f"{'p99.9':>8}{'max':>8}",
+    ]
+
+    def row(label: str, rate: float | None, summary: LatencySummary | None) -> None:
+        if summary is not None:
+            lines.append(
+                f"  {label:<40}{fmt(rate):>8}{summary.count:>7}{fmt(summary.p50_ms):>8}{fmt(summary.p95_ms):>8}"
+                f"{fmt(summary.p99_ms):>8}{fmt(summary.p999_ms):>8}{fmt(summary.max_ms):>8}"
+            )
+
+    row("choreo order -> terminal", report.choreo.latency_rate_per_s, report.choreo.latency)
+    for outcome, summary in report.choreo.latency_by_outcome.items():
+        row(f"  {outcome}", report.choreo.latency_rate_per_s, summary)
+    row("choreo failure event -> OrderCancelled", report.choreo.latency_rate_per_s, report.choreo.compensation)
+    if raw is not None:
+        row("raw first hop -> tenth hop", raw.latency_rate_per_s, raw.latency)
+    lines += [
+        "",
+        f"  {'process':<16}{'pid':>8}{'cpu s':>9}{'cpu ms/saga':>13}{'peak rss MB':>13}",
     ]
     for figures in report.processes:
-        records = "" if figures.records is None else str(figures.records)
-        transactions = "" if figures.transactions is None else str(figures.transactions)
+        per_saga = report.choreo.cpu_ms_per_saga.get(figures.name)
+        if per_saga is None and raw is not None:
+            per_saga = raw.cpu_ms_per_saga.get(figures.name)
         lines.append(
-            f"  {figures.name:<14}{figures.pid:>8}{figures.cpu_s:>13.2f}"
-            f"{figures.cpu_s_measured:>16.2f}{figures.peak_rss_mb:>13.1f}{records:>9}{transactions:>7}"
+            f"  {figures.name:<16}{figures.pid:>8}{figures.cpu_s:>9.1f}{fmt(per_saga, '.2f'):>13}"
+            f"{figures.peak_rss_mb:>13.1f}"
         )
-    lines.append("  (cpu measured, records and txns: from the first measured publish to the last terminal)")
+    lines.append("  (cpu s: whole run; cpu ms/saga: during the highest flat step of its path)")
+    lines.append(f"  choreo unexpected outcomes: {report.choreo.unexpected_outcomes}; wall time {report.wall_s:.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -573,9 +618,55 @@ def finite(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [finite(item) for item in value]
     return value
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    series = [
+        ("choreo order -> terminal", report.choreo.latencies_ms),
+        ("choreo failure -> OrderCancelled", report.choreo.compensation_ms),
+    ]
+    if report.raw is not None:
+        series.append(("raw 10 hops", report.raw.latencies_ms))
+    for label, values in series:
+        if values:
+            ordered = sorted(values)
+            left.plot(ordered, [(index + 1) / len(ordered) for index in range(len(ordered))], label=label)
+    left.set_xscale("log")
+    left.set_xlabel("latency (ms, log scale)")
+    left.set_ylabel("fraction of orders")
+    left.set_title("latency at 50% of the highest flat rate (CDF)")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+    top = 1.0
+    for path_figures in [report.choreo] + ([report.raw] if report.raw is not None else []):
+        offered = [step.offered_per_s for step in path_figures.steps]
+        achieved = [step.achieved_per_s for step in path_figures.steps]
+        if offered:
+            right.plot(offered, achieved, marker="o", label=f"{path_figures.name} achieved")
+            top = max(top, *offered)
+            if path_figures.max_flat_per_s is not None:
+                right.axvline(path_figures.max_flat_per_s, linestyle=":", alpha=0.5)
+    right.plot([1, top], [1, top], linestyle="--", color="grey", label="achieved = offered")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("offered sagas/s")
+    right.set_ylabel("terminal events/s")
+    right.set_title("throughput against offered rate (dotted: highest flat rate)")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend()
+    figure.suptitle(f"choreo bench, {report.machine.get('cpus')} cpus")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -583,82 +674,274 @@ def finite(value: Any) -> Any:
 
 @dataclass
 class Watched:
-    """A process whose CPU is compared between the start and the end of the measured window."""
-
     name: str
     pid: int
-    service: ServiceProcess | None = None
-    at_start: Usage | None = None
-    counts_at_start: tuple[int, int] | None = None
 
 
 def own_usage() -> Usage:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    peak = usage.ru_maxrss * 1024
     current = proc_usage(os.getpid())
-    return Usage(usage.ru_utime + usage.ru_stime, current.rss_bytes if current else 0, peak)
+    return Usage(usage.ru_utime + usage.ru_stime, current.rss_bytes if current else 0, usage.ru_maxrss * 1024)
 
 
 def usage_of(watched: Watched) -> Usage | None:
     return own_usage() if watched.pid == os.getpid() else proc_usage(watched.pid)
 
 
-async def measure(
-    settings: ChoreoSettings,
-    args: argparse.Namespace,
-    services: Sequence[ServiceProcess],
-    watched: Sequence[Watched],
-    report: Report,
-) -> bool:
-    rng = random.Random(args.seed)
-    run = uuid.uuid4().hex[:8]
-    warmup = plan_orders(f"warmup-{run}-", len(OUTCOMES), dict.fromkeys(OUTCOMES, 1), rng)
-    orders = plan_orders(f"bench-{run}-", args.orders, report.mix, rng)
+def cpu_snapshot(watched: Sequence[Watched]) -> dict[str, float]:
+    snapshot = {}
+    for process in watched:
+        usage = usage_of(process)
+        if usage is not None:
+            snapshot[process.name] = usage.cpu_s
+    return snapshot
 
-    def check() -> None:
-        for service in services:
-            service.check()
 
-    watcher = AuditWatcher(settings)
-    await watcher.start()
-    try:
-        log.info("warming up: one order of every outcome, until each has its terminal event")
-        await publish_orders(settings, warmup, None)
-        if not await watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, check, "warm-up"):
-            raise RuntimeError(f"the services did not finish the warm-up orders within {args.ready_timeout:.0f} s")
+@dataclass
+class UnderTest:
+    """What a sweep needs about the path under test."""
+
+    figures: PathFigures
+    offer: Offer
+    watcher: Watcher
+    watched: list[Watched]
+    check: Callable[[], None]
+    mix: dict[str, int]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, report: Report) -> None:
+        self.args = args
+        self.report = report
+        self.rng = random.Random(args.seed)
+        self.run = uuid.uuid4().hex[:6]
+        self.steps = 0
+        self.processes: list[ServiceProcess] = []
+
+    def final_usage(self, watched: Sequence[Watched]) -> None:
+        """CPU and peak memory of processes about to stop."""
         for process in watched:
-            process.at_start = usage_of(process)
-            if process.service is not None:
-                process.counts_at_start = await runner_counts(process.service)
-        log.info("publishing %d orders", len(orders))
-        placed_at = await publish_orders(settings, orders, args.rate)
-        finished = await watcher.wait_for([o.order_id for o in orders], args.timeout, check, "measured")
-        for process in watched:
-            now = usage_of(process)
-            if now is None:
-                continue
-            before = process.at_start.cpu_s if process.at_start is not None else 0.0
-            figures = ProcessFigures(
-                process.name, process.pid, now.cpu_s, now.cpu_s - before, now.peak_rss_bytes / 2**20
+            usage = usage_of(process)
+            if usage is not None:
+                self.report.processes.append(
+                    ProcessFigures(process.name, process.pid, usage.cpu_s, usage.peak_rss_bytes / 2**20)
+                )
+
+    def orders(self, label: str, count: int, mix: dict[str, int]) -> list[PlannedOrder]:
+        self.steps += 1
+        return plan_orders(f"{label}{self.steps}-{self.run}-", count, mix, self.rng)
+
+    async def step(self, path: UnderTest, rate: float) -> Step:
+        args = self.args
+        orders = self.orders("s", max(1, math.ceil(rate * args.step_s)), path.mix)
+        step = Step(offered_per_s=rate, orders=len(orders))
+        placed: dict[str, float] = {}
+        sent: list[str] = []
+        cpu_before = cpu_snapshot(path.watched)
+        started = time.time()
+        publishing = asyncio.create_task(path.offer.publish(orders, rate, placed, sent))
+        while not publishing.done():
+            await asyncio.sleep(LAG_SAMPLE_S)
+            path.check()
+            path.watcher.check()
+            step.lag_samples.append((round(time.time() - started, 3), len(sent) - path.watcher.done(sent)))
+        publishing.result()
+        cpu_after = cpu_snapshot(path.watched)
+        step.cpu_s = {name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before}
+        ids = [order.order_id for order in orders]
+        step.drained = await path.watcher.wait_for(ids, DRAIN_TIMEOUT_S, path.check)
+        window = [(t, lag) for t, lag in step.lag_samples if t >= args.settle_s]
+        step.lag_slope_per_s = slope(window)
+        step.lag_max = max((lag for _, lag in step.lag_samples), default=0)
+        step.flat = step.drained and step.lag_slope_per_s <= max(FLAT_SLOPE_OF_RATE * rate, FLAT_SLOPE_FLOOR)
+        # Throughput: terminal events that happened inside the step's measured window.
+        begin, end = started + args.settle_s, started + args.step_s
+        inside = [path.watcher.ended[i] for i in ids if i in path.watcher.ended]
+        inside = [ended for ended in inside if begin <= ended.end_s <= end]
+        span = end - begin
+        step.achieved_per_s = len(inside) / span
+        step.completed_per_s = sum(1 for e in inside if e.type in (OrderCompleted.__name__, "raw")) / span
+        step.compensated_per_s = step.achieved_per_s - step.completed_per_s
+        log.info(
+            "%s %.0f/s: achieved %.1f/s, lag slope %.1f/s, max lag %d, drained %s -> %s",
+            path.figures.name,
+            rate,
+            step.achieved_per_s,
+            step.lag_slope_per_s,
+            step.lag_max,
+            step.drained,
+            "flat" if step.flat else "not flat",
+        )
+        if not step.drained:
+            # Let the backlog clear so the next measurement starts from an idle pipeline.
+            await path.watcher.wait_for(ids, args.recover_s, path.check)
+        return step
+
+    async def sweep(self, path: UnderTest, start: float, factor: float) -> None:
+        figures = path.figures
+        rate, best, worst = start, None, None
+        retried = False
+        while rate <= self.args.max_rate:
+            step = await self.step(path, rate)
+            figures.steps.append(step)
+            if not step.flat and not retried:
+                # One growing step may be a neighbour's burst on a shared machine: measure it again.
+                retried = True
+                step = await self.step(path, rate)
+                figures.steps.append(step)
+            if not step.flat:
+                worst = rate
+                break
+            best = step
+            rate *= factor
+        if best is not None and worst is not None and worst / best.offered_per_s > 1.2 and not self.args.quick:
+            # One bisection between the last flat and the first growing step narrows the answer.
+            middle = math.sqrt(best.offered_per_s * worst)
+            step = await self.step(path, middle)
+            figures.steps.append(step)
+            if step.flat:
+                best = step
+        if best is not None:
+            figures.max_flat_per_s = best.offered_per_s
+            figures.throughput_per_s = best.achieved_per_s
+            figures.completed_per_s = best.completed_per_s
+            figures.compensated_per_s = best.compensated_per_s
+            # A flat step ends all its orders at about the pace they were offered.
+            figures.cpu_ms_per_saga = {name: cpu * 1000 / best.orders for name, cpu in best.cpu_s.items()}
+
+    async def latency(self, path: UnderTest) -> None:
+        figures = path.figures
+        if figures.max_flat_per_s is not None:
+            rate = figures.max_flat_per_s / 2
+        else:
+            rate = max(1.0, (figures.steps[0].achieved_per_s if figures.steps else 2.0) / 2)
+        figures.latency_rate_per_s = rate
+        orders = self.orders("l", max(1, math.ceil(rate * self.args.latency_s)), path.mix)
+        placed: dict[str, float] = {}
+        await path.offer.publish(orders, rate, placed, [])
+        await path.watcher.wait_for([o.order_id for o in orders], self.args.recover_s, path.check)
+        ended = {o.order_id: path.watcher.ended[o.order_id] for o in orders if o.order_id in path.watcher.ended}
+        to_end = {order_id: e.end_s - placed[order_id] for order_id, e in ended.items()}
+        figures.latency = LatencySummary.of(list(to_end.values()))
+        figures.latencies_ms = sorted(round(value * 1000, 2) for value in to_end.values())
+        if path.figures.name == "choreo":
+            for outcome in OUTCOMES:
+                values = [to_end[o.order_id] for o in orders if o.outcome == outcome and o.order_id in to_end]
+                if values:
+                    figures.latency_by_outcome[outcome] = LatencySummary.of(values)
+            compensation = [e.end_s - e.failure_s for e in ended.values() if e.failure_s is not None]
+            figures.compensation = LatencySummary.of(compensation)
+            figures.compensation_ms = sorted(round(value * 1000, 2) for value in compensation)
+            figures.unexpected_outcomes += sum(
+                1 for o in orders if o.order_id in ended and ended[o.order_id].type != EXPECTED_TERMINAL[o.outcome]
             )
-            counts = await runner_counts(process.service) if process.service is not None else None
-            if counts is not None and process.counts_at_start is not None:
-                # Each committed batch of a task is one Kafka transaction.
-                figures.records = counts[0] - process.counts_at_start[0]
-                figures.transactions = counts[1] - process.counts_at_start[1]
-            report.processes.append(figures)
-        summarize(report, orders, placed_at, watcher.terminals)
-        return finished and report.unexpected_outcomes == 0
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], logs_dir: Path) -> ServiceProcess:
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = logs_dir / f"{name}.log"
+    with open(log_path, "wb") as output:
+        process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    log.info("started %s (pid %d)", name, process.pid)
+    return ServiceProcess(name, process, log_path)
+
+
+def checker(processes: Sequence[ServiceProcess]) -> Callable[[], None]:
+    def check() -> None:
+        for process in processes:
+            process.check()
+
+    return check
+
+
+async def bench_choreo(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched: list[Watched]) -> None:
+    args = bench.args
+    await ensure_topics(settings)
+    catalog = run_dir / "catalog.json"
+    catalog.write_text(json.dumps(dict.fromkeys(BENCH_SKUS, STOCK_PER_SKU)))
+    env = service_env(settings, catalog)
+    services = [spawn(name, [sys.executable, "-m", f"services.{name}"], env, run_dir / "logs") for name in SERVICES]
+    bench.processes += services
+    own = [Watched(s.name, s.process.pid) for s in services]
+    watcher = Watcher(settings, settings.topic(AUDIT), raw=False)
+    offer = Offer(settings, settings.topic(topic_of(OrderPlaced)), raw=False)
+    path = UnderTest(bench.report.choreo, offer, watcher, watched + own, checker(services), bench.report.mix)
+    await watcher.start()
+    await offer.start()
+    try:
+        warmup = bench.orders("w", len(OUTCOMES) * 2, dict.fromkeys(OUTCOMES, 1))
+        log.info("warming up the services")
+        await offer.publish(warmup, None, {}, [])
+        if not await watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
+            raise RuntimeError(f"the services did not finish the warm-up orders within {args.ready_timeout:.0f} s")
+        await bench.sweep(path, args.start_rate, args.factor)
+        await bench.latency(path)
     finally:
+        await offer.stop()
         await watcher.stop()
+        bench.final_usage(own)
+        stop_services(services)
+
+
+async def bench_raw(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched: list[Watched]) -> None:
+    args = bench.args
+    figures = PathFigures("raw")
+    bench.report.raw = figures
+    await raw_pipeline.create_topics(settings)
+    stages = [
+        spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.raw_pipeline",
+                settings.bootstrap_servers,
+                settings.topic_prefix,
+                *map(str, hops),
+            ],
+            dict(os.environ),
+            run_dir / "logs",
+        )
+        for name, hops in zip(raw_pipeline.PROCESS_NAMES, raw_pipeline.PROCESSES, strict=True)
+    ]
+    bench.processes += stages
+    own = [Watched(s.name, s.process.pid) for s in stages]
+    prefix = settings.topic_prefix
+    watcher = Watcher(settings, raw_pipeline.hop_topic(prefix, raw_pipeline.HOPS - 1), raw=True)
+    offer = Offer(settings, raw_pipeline.hop_topic(prefix, 0), raw=True)
+    path = UnderTest(figures, offer, watcher, watched + own, checker(stages), bench.report.mix)
+    await watcher.start()
+    await offer.start()
+    try:
+        warmup = bench.orders("rw", 50, path.mix)
+        await offer.publish(warmup, None, {}, [])
+        if not await watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
+            raise RuntimeError("the raw pipeline did not pass the warm-up records")
+        await bench.sweep(path, args.raw_start_rate, args.raw_factor)
+        await bench.latency(path)
+    finally:
+        await offer.stop()
+        await watcher.stop()
+        bench.final_usage(own)
+        stop_services(stages)
+
+
+async def measure(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched: list[Watched]) -> None:
+    await bench_choreo(bench, settings, run_dir, watched)
+    if not bench.args.skip_raw:
+        await bench_raw(bench, settings, run_dir, watched)
+        report = bench.report
+        if report.raw is not None and report.raw.throughput_per_s and report.choreo.throughput_per_s:
+            report.choreo_over_raw = report.choreo.throughput_per_s / report.raw.throughput_per_s
 
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="saga-bench-"))
     log.info("run dir %s", run_dir)
     broker: LocalBroker | None = None
-    services: list[ServiceProcess] = []
+    bench: Bench | None = None
     ok = False
+    began = time.monotonic()
     try:
         watched: list[Watched] = []
         if args.bootstrap is None:
@@ -667,44 +950,50 @@ def run(args: argparse.Namespace) -> int:
             watched.append(Watched("broker (jvm)", broker_pid))
         else:
             bootstrap = args.bootstrap
+        watched.append(Watched("benchmark", os.getpid()))
         settings = ChoreoSettings(
             bootstrap_servers=bootstrap,
             topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.",
             partitions=args.partitions,
             environment="test",
         )
-        asyncio.run(ensure_topics(settings))
-        log.info("topics created with prefix %s", settings.topic_prefix)
-        catalog = run_dir / "catalog.json"
-        catalog.write_text(json.dumps(dict.fromkeys(BENCH_SKUS, STOCK_PER_SKU)))
-        services = spawn_services(service_env(settings, catalog), run_dir / "logs")
-        watched += [Watched(service.name, service.process.pid, service) for service in services]
-        watched.append(Watched("benchmark", os.getpid()))
         report = Report(
-            orders=args.orders,
             mix=args.mix,
-            rate=args.rate,
             partitions=settings.partitions,
             bootstrap=bootstrap,
             local_broker=broker is not None,
+            quick=args.quick,
+            machine=machine(),
+            flat_definition=FLAT.format(settle=args.settle_s),
         )
-        ok = asyncio.run(measure(settings, args, services, watched, report))
+        bench = Bench(args, report)
+        asyncio.run(measure(bench, settings, run_dir, watched))
+        bench.final_usage(watched)
+        report.machine["load_average_at_end"] = os.getloadavg()
+        report.wall_s = time.monotonic() - began
         sys.stdout.write(render(report))
         sys.stdout.flush()
         if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(finite(asdict(report)), indent=2, default=str) + "\n")
             log.info("figures written to %s", args.json)
+        if args.png is not None:
+            args.png.parent.mkdir(parents=True, exist_ok=True)
+            plot(report, args.png)
+            log.info("plot written to %s", args.png)
+        ok = report.choreo.unexpected_outcomes == 0 and report.choreo.max_flat_per_s is not None
     except KeyboardInterrupt:
         log.warning("interrupted; stopping everything")
     except Exception:
         log.exception("benchmark failed")
     finally:
-        stop_services(services)
+        if bench is not None:
+            stop_services(bench.processes)
         if broker is not None:
             broker.stop()
             log.info("broker stopped")
         if args.keep_run_dir or not ok:
-            log.info("kept the run dir (service logs under logs/): %s", run_dir)
+            log.info("kept the run dir (logs under logs/): %s", run_dir)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if ok else 1
@@ -729,30 +1018,61 @@ def positive_float(text: str) -> float:
     return value
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.saga_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--orders", type=int, default=1000, help="measured orders (default 1000)")
+# Full run and --quick: (step seconds, settle seconds, latency seconds, choreo factor, raw factor).
+FULL = (12.0, 4.0, 20.0, 1.5, 2.0)
+QUICK = (6.0, 2.0, 8.0, 2.0, 3.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="shorter steps, coarser sweep, no bisection (~2 min)")
     parser.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX), help=f"default {DEFAULT_MIX}")
-    parser.add_argument("--rate", type=positive_float, default=None, help="orders per second (default: unpaced)")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), metavar="PATH")
+    parser.add_argument("--png", type=Path, default=Path("bench-results/bench.png"), metavar="PATH")
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT", help="use this broker, start none")
     parser.add_argument("--partitions", type=int, default=ChoreoSettings().partitions, help="per topic (default 6)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
-    parser.add_argument("--timeout", type=positive_float, default=600.0, help="seconds for the measured orders")
+    parser.add_argument("--skip-raw", action="store_true", help="no raw aiokafka baseline")
+    parser.add_argument("--start-rate", type=positive_float, default=25.0, help="first choreo step, sagas/s")
+    parser.add_argument("--raw-start-rate", type=positive_float, default=100.0, help="first raw step, records/s")
+    parser.add_argument("--max-rate", type=positive_float, default=20_000.0, help="the sweep stops above this")
+    parser.add_argument("--step-s", type=positive_float, default=None, help="seconds per sweep step")
+    parser.add_argument("--settle-s", type=float, default=None, help="seconds of a step left out of its figures")
+    parser.add_argument("--latency-s", type=positive_float, default=None, help="seconds of the latency run")
+    parser.add_argument("--recover-s", type=positive_float, default=60.0, help="wait for a backlog to clear")
     parser.add_argument("--ready-timeout", type=positive_float, default=180.0, help="seconds for the warm-up")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order generator")
-    parser.add_argument("--keep-run-dir", action="store_true", help="keep broker data and service logs")
-    args = parser.parse_args(argv)
-    if args.orders < 1:
-        parser.error("--orders must be at least 1")
+    parser.add_argument("--keep-run-dir", action="store_true", help="keep broker data and process logs")
+
+
+def finish_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    step_s, settle_s, latency_s, factor, raw_factor = QUICK if args.quick else FULL
+    args.step_s = args.step_s or step_s
+    args.settle_s = settle_s if args.settle_s is None else args.settle_s
+    args.latency_s = args.latency_s or latency_s
+    args.factor, args.raw_factor = factor, raw_factor
+    if not 0 <= args.settle_s < args.step_s:
+        raise SystemExit("--settle-s must be at least 0 and below --step-s")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.saga_bench", description=(__doc__ or "").split("\n")[0])
+    add_arguments(parser)
+    args = finish_arguments(parser.parse_args(argv))
+    configure_logging()
     with sigterm_as_interrupt():
         return run(args)
+
+
+def configure_logging() -> None:
+    """Progress on stderr; the figures go to stdout."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # A watcher starting on a topic just created asks for offsets before the leader is elected,
+    # and the fetcher logs every retry as an error.
+    logging.getLogger("aiokafka.consumer.fetcher").setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":
