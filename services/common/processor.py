@@ -45,6 +45,9 @@ FETCH_MAX_WAIT_MS = 100
 # The broker answers CONCURRENT_TRANSACTIONS while it still writes the previous commit's markers;
 # retrying after the default 100 ms would add that much to every hop.
 TRANSACTION_RETRY_BACKOFF_MS = 20
+# A whole batch's records for one partition fit one producer batch: with the default 16 KiB a
+# busy task's sends waited for earlier batches to drain, one produce round trip at a time.
+TASK_BATCH_BYTES = 512 * 1024
 
 
 class TaskFencedError(RuntimeError):
@@ -212,7 +215,7 @@ class TransactionalRunner:
         app: StreamApp,
         *,
         tick_interval: float = 1.0,
-        max_batch: int = 500,
+        max_batch: int = 2000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
@@ -407,6 +410,7 @@ class TransactionalRunner:
                 transactional_id=f"{self.group_id}-task-{partition}",
                 linger_ms=2,
                 retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
+                max_batch_size=TASK_BATCH_BYTES,
             )
             for partition in new
         ]
