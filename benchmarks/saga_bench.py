@@ -105,6 +105,7 @@ LAG_SAMPLE_S = 0.25
 FLAT_SLOPE_OF_RATE = 0.05
 FLAT_SLOPE_FLOOR = 1.0
 DRAIN_TIMEOUT_S = 10.0
+MIN_RATE = 2.0
 FLAT = (
     "a step is flat when, after its first {settle:g} s, the least-squares slope of the saga lag "
     f"(orders placed without a terminal event in the observed topic, sampled every {LAG_SAMPLE_S:g} s) "
@@ -794,6 +795,13 @@ class Bench:
                 break
             best = step
             rate *= factor
+        while best is None and rate / factor >= MIN_RATE:
+            # Not even the first step was flat: step down until one is.
+            rate /= factor
+            step = await self.step(path, rate)
+            figures.steps.append(step)
+            if step.flat:
+                best = step
         if best is not None and worst is not None and worst / best.offered_per_s > 1.2 and not self.args.quick:
             # One bisection between the last flat and the first growing step narrows the answer.
             middle = math.sqrt(best.offered_per_s * worst)
