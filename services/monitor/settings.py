@@ -77,5 +77,9 @@ class MonitorSettings(ChoreoSettings):
 
     @property
     def sla_tick(self) -> float:
-        """How often sagas are compared with the SLA: often enough to flag within a fraction of it."""
-        return min(1.0, self.monitor_saga_sla / 4)
+        """How often open sagas are compared with the SLA: a twentieth of it, at most once a minute.
+
+        Each sweep reads every open saga, and with a day-long SLA many may be open (waiting for a
+        reviewer), so the sweep is as rare as the SLA allows.
+        """
+        return min(60.0, max(0.05, self.monitor_saga_sla / 20))
