@@ -136,7 +136,7 @@ MONITOR_ALERTS = Topic(
 )
 MONITOR_STATE = Topic(
     "monitor.state",
-    key="`service:<name>` or `saga:<order_id>`",
+    key="`service:<name>`, `saga:<order_id>`, or `sla:<partition>` (latency histogram of one audit partition)",
     value="the monitor's latest state for that key (JSON); a null value deletes it",
     description="The monitor's state, one record per live key; compacted, so it never grows with time.",
     config=_COMPACT,

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from services.cli.audit_cmd import add_audit_commands
+from services.cli.bench_cmd import add_bench_commands
 from services.cli.broker_cmd import add_broker_commands
+from services.cli.monitor_cmd import add_monitor_commands
 from services.cli.publish_cmd import InvalidCommandError, add_publish_commands
 from services.cli.schemas_cmd import add_schemas_commands
 from services.cli.stack_cmd import add_stack_commands
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_publish_commands(commands)
     add_schemas_commands(commands)
     add_audit_commands(commands)
+    add_monitor_commands(commands)
+    add_bench_commands(commands)
     add_stack_commands(commands)
     return parser
 
