@@ -7,12 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help setup run up down test lint typecheck contract-check compose-check unit clean
+.PHONY: help setup run up down test bench lint typecheck contract-check compose-check clean
 
 help:
 	@echo "make run    set up, start the broker, create topics and run every service (Ctrl-C stops all)"
 	@echo "make test   set up, then ruff, mypy, contract and compose checks, and the test suite"
 	@echo "make up / make down   the same stack in the background"
+	@echo "make bench  throughput and latency of the stack against a raw Kafka pipeline"
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -52,6 +53,9 @@ compose-check:
 
 test: setup lint typecheck contract-check compose-check
 	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/choreo bench
 
 clean:
 	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis
