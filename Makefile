@@ -39,8 +39,8 @@ down: setup
 	$(BIN)/choreo down
 
 lint: setup
-	$(BIN)/ruff check schemas services tests
-	$(BIN)/ruff format --check schemas services tests
+	$(BIN)/ruff check schemas services tests benchmarks
+	$(BIN)/ruff format --check schemas services tests benchmarks
 
 typecheck: setup
 	$(BIN)/mypy
