@@ -355,13 +355,20 @@ class TransactionalRunner:
             return
         try:
             async with task.producer.transaction():
-                for out in context.outbox:
+                deliveries = [
                     await task.producer.send(out.topic, out.value, key=out.key, partition=out.partition)
+                    for out in context.outbox
+                ]
                 changelog = self.settings.topic(self.app.changelog)
-                for key, value in changes.items():
+                deliveries += [
                     await task.producer.send(changelog, value, key=key.encode(), partition=partition)
+                    for key, value in changes.items()
+                ]
                 if offsets:
                     await task.producer.send_offsets_to_transaction(offsets, self.group_id)
+                # Every record's outcome is read here, so a failed send fails this transaction
+                # (and is never left as an unobserved error).
+                await asyncio.gather(*deliveries)
         except ProducerFenced as error:
             # Another instance took this task over while we were stalled: we are a zombie. Our
             # transaction is void; the only safe course is to stop and start again from the group.
