@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, Self
+from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from services.common.settings import ChoreoSettings
-
-_SECONDS = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+from services.common.settings import ChoreoSettings, Duration
 
 DEV_TOKEN = "dev-token"  # noqa: S105  # public on purpose: refused outside dev
 """The reviewer token in dev mode when none is configured; never accepted outside dev."""
@@ -23,7 +20,7 @@ class ApprovalSettings(ChoreoSettings):
         ge=0,
         description="Orders whose total is at or above this amount need a reviewer (the comparison is inclusive).",
     )
-    approval_timeout: timedelta = Field(
+    approval_timeout: Duration = Field(
         default=timedelta(hours=24),
         description="How long a reviewer has to decide; env CHOREO_APPROVAL_TIMEOUT in seconds (`90`) or ISO 8601 "
         "(`PT24H`).",
@@ -43,14 +40,6 @@ class ApprovalSettings(ChoreoSettings):
     approval_http_port: int = Field(
         default=8000, ge=0, le=65535, description="Port of the reviewer API; 0 picks a free one."
     )
-
-    @field_validator("approval_timeout", mode="before")
-    @classmethod
-    def _seconds_or_iso(cls, raw: Any) -> Any:
-        # pydantic reads a bare number only from JSON, not from an environment string.
-        if isinstance(raw, str) and _SECONDS.match(raw):
-            return timedelta(seconds=float(raw))
-        return raw
 
     @field_validator("approval_timeout")
     @classmethod

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
-from typing import Any
 
 from pydantic import Field, field_validator
 
-from services.common.settings import ChoreoSettings
-
-_SECONDS = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+from services.common.settings import ChoreoSettings, Duration
 
 
 class AuditSettings(ChoreoSettings):
     health_port: int = Field(default=8105, ge=0, le=65535, description="Port of the audit service's /health.")
-    audit_causal_wait: timedelta = Field(
+    audit_causal_wait: Duration = Field(
         default=timedelta(seconds=10),
         description=(
             "How long an event waits for its cause before it is written anyway (the cause may have been "
             "dead-lettered); env CHOREO_AUDIT_CAUSAL_WAIT in seconds (`10`) or ISO 8601 (`PT10S`)."
         ),
     )
-
-    @field_validator("audit_causal_wait", mode="before")
-    @classmethod
-    def _seconds_or_iso(cls, raw: Any) -> Any:
-        # pydantic reads a bare number only from JSON, not from an environment string.
-        if isinstance(raw, str) and _SECONDS.match(raw):
-            return timedelta(seconds=float(raw))
-        return raw
 
     @field_validator("audit_causal_wait")
     @classmethod

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import ssl
-from typing import Any, Literal, Self
+from datetime import timedelta
+from typing import Annotated, Any, Literal, Self
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import Topic
+
+_SECONDS = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+
+
+def _seconds_or_iso(raw: Any) -> Any:
+    # pydantic reads a bare number as seconds only from JSON, not from an environment string.
+    if isinstance(raw, str) and _SECONDS.match(raw):
+        return timedelta(seconds=float(raw))
+    return raw
+
+
+Duration = Annotated[timedelta, BeforeValidator(_seconds_or_iso)]
+"""A duration setting: seconds (`90`, `0.5`) or ISO 8601 (`PT24H`)."""
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "secret", "password", ""})
 
