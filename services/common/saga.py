@@ -7,6 +7,7 @@ exactly the events recorded the first time.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -147,7 +148,37 @@ def apply_once(
     emitted = [envelope.caused(event, source) for event in reaction.events]
     handled = {**reaction.state.handled, str(envelope.event_id): [e.model_dump_json() for e in emitted]}
     task.store.put(key, reaction.state.model_copy(update={"handled": handled}))
-    for out in emitted:
-        task.emit(out)
-    for request in reaction.requests:
+    _publish(task, emitted, reaction.requests)
+
+
+def apply_settled(
+    task: TaskContext,
+    before: State,
+    reaction: Reaction[State],
+    *,
+    source: Source,
+    cause_id: str | None,
+) -> list[Envelope]:
+    """Apply a reaction to an internal reply on behalf of the saga event `cause_id` that started the exchange.
+
+    That event was recorded as handled with no output when it arrived; its events are added there now, so
+    a later redelivery of it re-emits exactly these envelopes.
+    """
+    state = reaction.state
+    emitted: list[Envelope] = []
+    if cause_id is not None and reaction.events:
+        cause = uuid.UUID(cause_id)
+        emitted = [Envelope.new(e, order_id=state.order_id, source=source, cause=cause) for e in reaction.events]
+        recorded = [*state.handled.get(cause_id, []), *(e.model_dump_json() for e in emitted)]
+        state = state.model_copy(update={"handled": {**state.handled, cause_id: recorded}})
+    if state != before:
+        task.store.put(order_key(state.order_id), state)
+    _publish(task, emitted, reaction.requests)
+    return emitted
+
+
+def _publish(task: TaskContext, emitted: list[Envelope], requests: tuple[Request, ...]) -> None:
+    for envelope in emitted:
+        task.emit(envelope)
+    for request in requests:
         task.send(request.topic, request.key, request.body.model_dump_json().encode())

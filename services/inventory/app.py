@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
 from pydantic import BaseModel
 
-from schemas.envelope import Envelope, Source
+from schemas.envelope import Source
 from schemas.topics import (
     INVENTORY_STATE,
     ORDERS,
@@ -21,7 +20,7 @@ from schemas.topics import (
     Topic,
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, decode, decode_internal, order_key
+from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key
 from services.inventory.domain import InventoryOrder, SkuStock, StockReply, StockRequest, load_catalog, sku_key
 from services.inventory.handlers import SAGA_HANDLERS, stock_replied, stock_requested
 from services.inventory.settings import InventorySettings
@@ -71,36 +70,18 @@ class InventoryApp:
         reply = decode_internal(task, message, StockReply, "order_id", lambda body: body.order_id)
         if reply is None:
             return
-        key = order_key(reply.order_id)
-        state = task.store.get(key, InventoryOrder) or InventoryOrder(order_id=reply.order_id)
+        state = task.store.get(order_key(reply.order_id), InventoryOrder) or InventoryOrder(order_id=reply.order_id)
         settled = stock_replied(state, reply)
-        new_state = settled.reaction.state
-        emitted: list[Envelope] = []
-        if settled.cause is not None and settled.reaction.events:
-            cause = uuid.UUID(settled.cause)
-            emitted = [
-                Envelope.new(event, order_id=reply.order_id, source=Source.INVENTORY, cause=cause)
-                for event in settled.reaction.events
-            ]
-            # The saga event that caused these was recorded as handled with no output when it arrived;
-            # adding them there makes a later duplicate of it re-emit exactly these envelopes.
-            earlier = new_state.handled.get(settled.cause, [])
-            handled = {**new_state.handled, settled.cause: [*earlier, *(e.model_dump_json() for e in emitted)]}
-            new_state = new_state.model_copy(update={"handled": handled})
+        emitted = apply_settled(task, state, settled.reaction, source=Source.INVENTORY, cause_id=settled.cause)
+        if emitted:
             log.info(
                 "reservation settled",
                 extra={
                     "order_id": reply.order_id,
-                    "status": new_state.status.value,
+                    "status": settled.reaction.state.status.value,
                     "events": [e.type for e in emitted],
                 },
             )
-        if new_state != state:
-            task.store.put(key, new_state)
-        for envelope in emitted:
-            task.emit(envelope)
-        for request in settled.reaction.requests:
-            task.send(request.topic, request.key, request.body.model_dump_json().encode())
 
 
 def build_app(settings: InventorySettings) -> InventoryApp:

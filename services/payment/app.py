@@ -8,14 +8,13 @@ customer) and `payment.ledger-replies` (by order), so each piece of state change
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TypeVar
 
 from pydantic import BaseModel
 
-from schemas.envelope import Envelope, Source
+from schemas.envelope import Source
 from schemas.topics import (
     APPROVAL_EVENTS,
     INVENTORY_EVENTS,
@@ -26,7 +25,7 @@ from schemas.topics import (
     Topic,
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, decode, decode_internal, order_key
+from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key
 from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
 from services.payment.handlers import ORDER_HANDLERS, on_ledger_reply, on_ledger_request
 from services.payment.settings import PaymentSettings
@@ -100,20 +99,8 @@ class PaymentApp:
         if state is None or state.trigger_id is None:
             task.dead_letter(message, f"order_id: no hold was requested for order {reply.order_id!r}")
             return
-        reaction = on_ledger_reply(state, reply)
         # Recorded under the InventoryReserved event, so a redelivered one re-emits the outcome it led to.
-        cause = uuid.UUID(state.trigger_id)
-        emitted = [
-            Envelope.new(e, order_id=reply.order_id, source=Source.PAYMENT, cause=cause) for e in reaction.events
-        ]
-        handled = dict(reaction.state.handled)
-        if emitted:
-            handled[state.trigger_id] = handled.get(state.trigger_id, []) + [e.model_dump_json() for e in emitted]
-        task.store.put(key, reaction.state.model_copy(update={"handled": handled}))
-        for envelope in emitted:
-            task.emit(envelope)
-        for request in reaction.requests:
-            task.send(request.topic, request.key, request.body.model_dump_json().encode())
+        apply_settled(task, state, on_ledger_reply(state, reply), source=Source.PAYMENT, cause_id=state.trigger_id)
 
 
 def build_app(settings: PaymentSettings) -> PaymentApp:
