@@ -7,13 +7,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help setup run up down test bench lint typecheck contract-check compose-check clean
+.PHONY: help setup run up down test bench faults lint typecheck contract-check compose-check clean
 
 help:
 	@echo "make run    set up, start the broker, create topics and run every service (Ctrl-C stops all)"
 	@echo "make test   set up, then ruff, mypy, contract and compose checks, and the test suite"
 	@echo "make up / make down   the same stack in the background"
 	@echo "make bench  throughput and latency of the stack against a raw Kafka pipeline"
+	@echo "make faults the full fault-injection run (every fault several times under load) and its report"
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -56,6 +57,10 @@ test: setup lint typecheck contract-check compose-check
 
 bench: setup
 	$(BIN)/choreo bench
+
+# `make test` runs one pass of each fault; this runs each several times, longer and at a higher rate.
+faults: setup
+	CHOREO_FAULTS=full $(BIN)/python -m pytest tests/faults
 
 clean:
 	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis
