@@ -142,6 +142,17 @@ class PaymentRefunded(Event):
     reason: Text
 
 
+class PaymentRefundFailed(Event):
+    """A refund attempt failed at the refund provider; payment tries again at `retry_at`, until one succeeds."""
+
+    customer_id: CustomerId
+    amount: Money
+    currency: CurrencyCode
+    attempt: Annotated[int, Field(ge=1, description="1 for the first attempt, counting up with each retry")]
+    reason: Text
+    retry_at: AwareDatetime
+
+
 class PaymentVoided(Event):
     """The order was cancelled before any charge: the payment step closes with nothing to refund."""
 

@@ -32,6 +32,7 @@ from schemas.events import (
     PaymentCharged,
     PaymentDeclined,
     PaymentRefunded,
+    PaymentRefundFailed,
     PaymentVoided,
     SagaStuck,
     ServiceDegraded,
@@ -82,8 +83,8 @@ PAYMENT_EVENTS = Topic(
     "payment.events",
     key="order_id",
     value=ENVELOPE,
-    description="Charges, declines, refunds and voids.",
-    events=(PaymentCharged, PaymentDeclined, PaymentRefunded, PaymentVoided),
+    description="Charges, declines, refunds (and failed refund attempts, retried) and voids.",
+    events=(PaymentCharged, PaymentDeclined, PaymentRefundFailed, PaymentRefunded, PaymentVoided),
     config=_DELETE,
 )
 APPROVAL_EVENTS = Topic(

@@ -29,6 +29,7 @@ from schemas.events import (
     PaymentCharged,
     PaymentDeclined,
     PaymentRefunded,
+    PaymentRefundFailed,
     PaymentVoided,
     ShipmentCancelled,
     ShipmentScheduled,
@@ -66,6 +67,7 @@ _UNWINDING: dict[type[Event], str] = {
     ApprovalTimedOut: "approval timed out",
     ShippingFailed: "shipping failed",
     ShipmentCancelled: "shipment cancelled",
+    PaymentRefundFailed: "refund retrying",
     PaymentRefunded: "payment refunded",
     PaymentVoided: "payment voided",
     InventoryReleased: "stock released",
@@ -201,6 +203,11 @@ def describe_event(data: Event) -> str:  # noqa: PLR0911, PLR0912 - one branch p
         return _money(data.amount, data.currency)
     if isinstance(data, PaymentDeclined | PaymentRefunded):
         return f"{_money(data.amount, data.currency)}; reason: {data.reason}"
+    if isinstance(data, PaymentRefundFailed):
+        return (
+            f"{_money(data.amount, data.currency)}; attempt {data.attempt} failed: {data.reason}; "
+            f"retry at {rfc3339_ms(data.retry_at)}"
+        )
     if isinstance(data, ApprovalRequested):
         return f"{_money(data.amount, data.currency)}; decide by {rfc3339_ms(data.deadline)}"
     if isinstance(data, ApprovalEscalated):

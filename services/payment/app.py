@@ -1,5 +1,8 @@
 """The payment StreamApp: an order stage (charges, keyed by order) and a ledger stage (credit, keyed by customer).
 
+A refund goes through the refund provider first; an attempt that fails leaves the order pending and
+`tick` retries it with backoff until one succeeds, and only then does the ledger refund the credit.
+
 Both stages run in one consumer group with one changelog; a task holds the orders and the customers
 whose keys hash to its partition, and the two stages talk over `payment.ledger-requests` (by
 customer) and `payment.ledger-replies` (by order), so each piece of state changes only in its task.
@@ -8,13 +11,15 @@ customer) and `payment.ledger-replies` (by order), so each piece of state change
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from datetime import datetime
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from pydantic import BaseModel
 
-from schemas.envelope import Source
+from schemas.envelope import EVENT_ID_NAMESPACE, Envelope, Source
+from schemas.events import PaymentRefundFailed
 from schemas.topics import (
     APPROVAL_EVENTS,
     INVENTORY_EVENTS,
@@ -26,8 +31,17 @@ from schemas.topics import (
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
 from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key
-from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
-from services.payment.handlers import ORDER_HANDLERS, on_ledger_reply, on_ledger_request
+from services.payment.domain import (
+    CreditLimits,
+    CustomerLedger,
+    LedgerReply,
+    LedgerRequest,
+    PaymentOrder,
+    Phase,
+    RefundRetryIndex,
+)
+from services.payment.handlers import on_ledger_reply, on_ledger_request, order_handlers, retry_refund
+from services.payment.refunds import LedgerRefunds, RefundAttempt, RefundBackoff, RefundProvider, ScheduledOutages
 from services.payment.settings import PaymentSettings
 
 log = logging.getLogger(__name__)
@@ -35,6 +49,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 CUSTOMER_PREFIX = "customer:"
+# Neither `order:`- nor `customer:`-prefixed, so it can never collide with an order's or a customer's key.
+REFUND_RETRIES_KEY = "payment:refund-retries"
 
 
 def customer_key(customer_id: str) -> str:
@@ -57,8 +73,18 @@ class PaymentApp:
     inputs: Sequence[Topic] = (INVENTORY_EVENTS, APPROVAL_EVENTS, SHIPPING_EVENTS, LEDGER_REQUESTS, LEDGER_REPLIES)
     changelog: Topic = PAYMENT_STATE
 
-    def __init__(self, limits: CreditLimits) -> None:
+    def __init__(
+        self,
+        limits: CreditLimits,
+        *,
+        refunds: RefundProvider | None = None,
+        backoff: RefundBackoff | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.limits = limits
+        self.refunds: RefundProvider = refunds if refunds is not None else LedgerRefunds()
+        self.backoff = backoff if backoff is not None else RefundBackoff()
+        self.clock = clock
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         if message.topic == LEDGER_REQUESTS:
@@ -71,11 +97,75 @@ class PaymentApp:
                 self._apply_ledger_reply(task, message, reply)
         else:
             envelope = decode(task, message)
-            if envelope is not None:
-                apply_once(task, envelope, source=Source.PAYMENT, model=PaymentOrder, handlers=ORDER_HANDLERS)
+            if envelope is None:
+                return
+            handlers = order_handlers(self._attempt(self.clock()))
+            if type(envelope.data) not in handlers:
+                return
+            apply_once(task, envelope, source=Source.PAYMENT, model=PaymentOrder, handlers=handlers)
+            state = task.store.get(order_key(envelope.order_id), PaymentOrder)
+            if state is None:
+                return
+            before, after = _retries(task), _retries(task).tracking(state)
+            if state.order_id in after.orders and state.order_id not in before.orders:
+                _log_failed_attempt(state)
+            _save_retries(task, after)
 
     def tick(self, task: TaskContext, now: datetime) -> None:
-        """Nothing is time-driven in payment."""
+        """Retry the refunds whose next attempt is due."""
+        index = _retries(task)
+        due = index.due(now)
+        for order_id in due:
+            state = task.store.get(order_key(order_id), PaymentOrder)
+            if state is None:
+                index = index.without(order_id)
+                continue
+            state = self._retry(task, state, now)
+            index = index.tracking(state)
+        if due:
+            _save_retries(task, index)
+
+    def _attempt(self, now: datetime) -> RefundAttempt:
+        return RefundAttempt(provider=self.refunds, backoff=self.backoff, now=now)
+
+    def _retry(self, task: TaskContext, before: PaymentOrder, now: datetime) -> PaymentOrder:
+        reaction = retry_refund(before, self._attempt(now))
+        retry = before.refund_retry
+        if retry is None or not reaction.events:
+            return before
+        # Every attempt's events are caused by the compensating event; a failed attempt's id also names its
+        # number. Only the refund is recorded under that event (beside the first failure), so a redelivery
+        # of it re-emits what the saga goes on from, and a long outage does not grow the order's state.
+        cause = uuid.UUID(retry.trigger_id)
+        emitted = [
+            Envelope.new(
+                event,
+                order_id=before.order_id,
+                source=Source.PAYMENT,
+                cause=cause,
+                occurred_at=now,
+                event_id=refund_failure_id(cause, event.attempt) if isinstance(event, PaymentRefundFailed) else None,
+            )
+            for event in reaction.events
+        ]
+        outcome = [e.model_dump_json() for e in emitted if not isinstance(e.data, PaymentRefundFailed)]
+        state = reaction.state
+        if outcome:
+            recorded = [*before.handled.get(retry.trigger_id, []), *outcome]
+            state = state.model_copy(update={"handled": {**state.handled, retry.trigger_id: recorded}})
+        task.store.put(order_key(state.order_id), state)
+        for envelope in emitted:
+            task.emit(envelope)
+        if state.phase is Phase.REFUND_PENDING:
+            _log_failed_attempt(state)
+        else:
+            log.info(
+                "refund succeeded after retries",
+                extra={"order_id": state.order_id, "failed_attempts": retry.failed_attempts},
+            )
+        for request in reaction.requests:
+            task.send(request.topic, request.key, request.body.model_dump_json().encode())
+        return state
 
     def _apply_ledger_request(self, task: TaskContext, request: LedgerRequest) -> None:
         key = customer_key(request.customer_id)
@@ -103,5 +193,48 @@ class PaymentApp:
         apply_settled(task, state, on_ledger_reply(state, reply), source=Source.PAYMENT, cause_id=state.trigger_id)
 
 
+def refund_failure_id(trigger_id: uuid.UUID, attempt: int) -> uuid.UUID:
+    """The id of a retried attempt's PaymentRefundFailed: one per (compensating event, attempt), however often
+    the attempt is made. The first attempt's failure has the plain caused-by id of its trigger."""
+    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{trigger_id}/{Source.PAYMENT.value}/PaymentRefundFailed/{attempt}")
+
+
+def _log_failed_attempt(state: PaymentOrder) -> None:
+    retry = state.refund_retry
+    if retry is not None:
+        log.warning(
+            "refund attempt failed; will retry",
+            extra={
+                "order_id": state.order_id,
+                "attempt": retry.failed_attempts,
+                "retry_at": retry.next_attempt_at.isoformat(),
+            },
+        )
+
+
+def _retries(task: TaskContext) -> RefundRetryIndex:
+    return task.store.get(REFUND_RETRIES_KEY, RefundRetryIndex) or RefundRetryIndex()
+
+
+def _save_retries(task: TaskContext, index: RefundRetryIndex) -> None:
+    if index != _retries(task):
+        task.store.put(REFUND_RETRIES_KEY, index)
+
+
+def refund_provider(settings: PaymentSettings) -> RefundProvider:
+    """The provider refunds go through: the ledger itself, unless a drill schedules outages."""
+    if settings.payment_refund_outages:
+        log.warning(
+            "refund outages scheduled (drill)",
+            extra={"windows": [window.model_dump(mode="json") for window in settings.payment_refund_outages]},
+        )
+        return ScheduledOutages(tuple(settings.payment_refund_outages))
+    return LedgerRefunds()
+
+
 def build_app(settings: PaymentSettings) -> PaymentApp:
-    return PaymentApp(settings.credit_limits())
+    return PaymentApp(
+        settings.credit_limits(),
+        refunds=refund_provider(settings),
+        backoff=RefundBackoff(initial=settings.payment_refund_retry_initial, maximum=settings.payment_refund_retry_max),
+    )

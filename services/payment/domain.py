@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.envelope import describe_validation_error
 from schemas.events import OrderDetails
@@ -194,9 +195,22 @@ class Phase(StrEnum):
     AWAITING = "awaiting"  # InventoryReserved not seen yet
     HOLDING = "holding"  # hold sent, no answer yet
     CHARGED = "charged"
+    REFUND_PENDING = "refund_pending"  # a refund is due and its last attempt failed; retried until one succeeds
     DECLINED = "declined"
     REFUNDED = "refunded"
     VOIDED = "voided"  # cancelled before any charge
+
+
+class RefundRetry(BaseModel):
+    """A refund whose attempts failed so far; kept after it succeeds, as the record of how many it took."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # The compensating event that made the refund due: every retry's events are caused by and recorded under it.
+    trigger_id: str
+    reason: str
+    failed_attempts: int = Field(ge=1)
+    next_attempt_at: AwareDatetime
 
 
 class PaymentOrder(OrderState):
@@ -208,3 +222,26 @@ class PaymentOrder(OrderState):
     # A hold was sent and not answered yet; once answered, a further reply is a duplicate.
     hold_pending: bool = False
     closed_reason: str | None = None
+    refund_retry: RefundRetry | None = None
+
+
+class RefundRetryIndex(BaseModel):
+    """Orders of one task waiting to retry a refund, with when, so a tick never scans every order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    orders: dict[str, AwareDatetime] = {}
+
+    def due(self, now: datetime) -> list[str]:
+        return sorted(order_id for order_id, at in self.orders.items() if at <= now)
+
+    def tracking(self, state: PaymentOrder) -> RefundRetryIndex:
+        index = self.without(state.order_id)
+        if state.phase is Phase.REFUND_PENDING and state.refund_retry is not None:
+            return RefundRetryIndex(orders={**index.orders, state.order_id: state.refund_retry.next_attempt_at})
+        return index
+
+    def without(self, order_id: str) -> RefundRetryIndex:
+        if order_id not in self.orders:
+            return self
+        return RefundRetryIndex(orders={key: value for key, value in self.orders.items() if key != order_id})

@@ -1,9 +1,11 @@
-"""Pure reactions of the payment service: saga events and ledger replies (order stage), ledger requests."""
+"""Pure reactions of the payment service: saga events, refund retries and ledger replies (order stage), ledger
+requests."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
+from functools import partial
 from typing import TypeVar
 
 from schemas.envelope import Envelope
@@ -16,6 +18,7 @@ from schemas.events import (
     PaymentCharged,
     PaymentDeclined,
     PaymentRefunded,
+    PaymentRefundFailed,
     PaymentVoided,
     ShipmentCancelled,
     ShippingFailed,
@@ -29,8 +32,10 @@ from services.payment.domain import (
     LedgerRequest,
     PaymentOrder,
     Phase,
+    RefundRetry,
     text,
 )
+from services.payment.refunds import RefundAttempt
 
 E = TypeVar("E", bound=Event)
 
@@ -67,45 +72,82 @@ def on_inventory_reserved(state: PaymentOrder, envelope: Envelope) -> Reaction[P
     return Reaction(holding, requests=(_ledger(LedgerOperation.HOLD, holding),))
 
 
-def compensate(state: PaymentOrder, reason: str) -> Reaction[PaymentOrder]:
+def compensate(state: PaymentOrder, reason: str, trigger: Envelope, attempt: RefundAttempt) -> Reaction[PaymentOrder]:
     """Undo the payment step for a later step's failure or a cancellation."""
     if state.phase is Phase.CHARGED:
-        order, amount = _bill(state)
-        refunded = state.model_copy(update={"phase": Phase.REFUNDED, "closed_reason": reason})
-        event = PaymentRefunded(customer_id=order.customer_id, amount=amount, currency=order.currency, reason=reason)
-        return Reaction(refunded, events=(event,), requests=(_ledger(LedgerOperation.REFUND, state),))
+        return attempt_refund(state, attempt, reason=reason, trigger_id=str(trigger.event_id), failed_before=0)
     if state.phase in (Phase.AWAITING, Phase.HOLDING):
         # A hold still in flight stays pending: its reply releases it instead of charging.
         voided = state.model_copy(update={"phase": Phase.VOIDED, "closed_reason": reason})
         return Reaction(voided, events=(PaymentVoided(reason=reason),))
+    # Refunded, declined, voided, or a refund already pending (its retries finish it): nothing more to undo.
     return Reaction(state)
 
 
-def on_approval_denied(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
+def attempt_refund(
+    state: PaymentOrder, attempt: RefundAttempt, *, reason: str, trigger_id: str, failed_before: int
+) -> Reaction[PaymentOrder]:
+    """Ask the provider for the money back; on success refund the ledger, else stay pending and say when to retry."""
+    order, amount = _bill(state)
+    failure = attempt.provider.refund(state.order_id, amount, order.currency, attempt.now)
+    if failure is None:
+        refunded = state.model_copy(update={"phase": Phase.REFUNDED, "closed_reason": reason})
+        done = PaymentRefunded(customer_id=order.customer_id, amount=amount, currency=order.currency, reason=reason)
+        return Reaction(refunded, events=(done,), requests=(_ledger(LedgerOperation.REFUND, state),))
+    failed = failed_before + 1
+    retry_at = attempt.now + attempt.backoff.delay(failed)
+    retry = RefundRetry(trigger_id=trigger_id, reason=reason, failed_attempts=failed, next_attempt_at=retry_at)
+    pending = state.model_copy(update={"phase": Phase.REFUND_PENDING, "refund_retry": retry})
+    failure_event = PaymentRefundFailed(
+        customer_id=order.customer_id,
+        amount=amount,
+        currency=order.currency,
+        attempt=failed,
+        reason=text(failure.reason),
+        retry_at=retry_at,
+    )
+    return Reaction(pending, events=(failure_event,))
+
+
+def retry_refund(state: PaymentOrder, attempt: RefundAttempt) -> Reaction[PaymentOrder]:
+    """The next attempt of a pending refund, once its time has come."""
+    retry = state.refund_retry
+    if state.phase is not Phase.REFUND_PENDING or retry is None or attempt.now < retry.next_attempt_at:
+        return Reaction(state)
+    return attempt_refund(
+        state, attempt, reason=retry.reason, trigger_id=retry.trigger_id, failed_before=retry.failed_attempts
+    )
+
+
+def on_approval_denied(attempt: RefundAttempt, state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
     payload(envelope, ApprovalDenied)
-    return compensate(state, "approval denied")
+    return compensate(state, "approval denied", envelope, attempt)
 
 
-def on_approval_timed_out(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
+def on_approval_timed_out(attempt: RefundAttempt, state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
     payload(envelope, ApprovalTimedOut)
-    return compensate(state, "approval timed out")
+    return compensate(state, "approval timed out", envelope, attempt)
 
 
-def on_shipping_failed(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    return compensate(state, text(f"shipping failed: {payload(envelope, ShippingFailed).reason}"))
+def on_shipping_failed(attempt: RefundAttempt, state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
+    reason = text(f"shipping failed: {payload(envelope, ShippingFailed).reason}")
+    return compensate(state, reason, envelope, attempt)
 
 
-def on_shipment_cancelled(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    return compensate(state, text(f"order cancelled: {payload(envelope, ShipmentCancelled).reason}"))
+def on_shipment_cancelled(attempt: RefundAttempt, state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
+    reason = text(f"order cancelled: {payload(envelope, ShipmentCancelled).reason}")
+    return compensate(state, reason, envelope, attempt)
 
 
-ORDER_HANDLERS: Mapping[type[Event], Handler[PaymentOrder]] = {
-    InventoryReserved: on_inventory_reserved,
-    ApprovalDenied: on_approval_denied,
-    ApprovalTimedOut: on_approval_timed_out,
-    ShippingFailed: on_shipping_failed,
-    ShipmentCancelled: on_shipment_cancelled,
-}
+def order_handlers(attempt: RefundAttempt) -> Mapping[type[Event], Handler[PaymentOrder]]:
+    """The saga events the order stage reacts to; a compensation makes its first refund attempt with `attempt`."""
+    return {
+        InventoryReserved: on_inventory_reserved,
+        ApprovalDenied: partial(on_approval_denied, attempt),
+        ApprovalTimedOut: partial(on_approval_timed_out, attempt),
+        ShippingFailed: partial(on_shipping_failed, attempt),
+        ShipmentCancelled: partial(on_shipment_cancelled, attempt),
+    }
 
 
 def on_ledger_reply(state: PaymentOrder, reply: LedgerReply) -> Reaction[PaymentOrder]:

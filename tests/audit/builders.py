@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -25,6 +26,7 @@ from schemas.events import (
     OrderPlaced,
     PaymentCharged,
     PaymentRefunded,
+    PaymentRefundFailed,
     PaymentVoided,
     ShipmentCancelled,
     ShipmentScheduled,
@@ -117,6 +119,50 @@ def shipping_failed_saga(order_id: str = "o-failed") -> list[Envelope]:
     return [p, reserved, charged, granted, failed, refunded, released, cancelled]
 
 
+def refund_retried_saga(order_id: str = "o-retried") -> list[Envelope]:
+    """Shipping fails while the refund provider is down: attempts at 4 s and 5 s fail, the one at 7 s refunds."""
+    order = details(("WIDGET-1", 1, "50.00"), country="AQ")
+    p = placed(order_id, order)
+    reserved = _then(p, InventoryReserved(order=order), Source.INVENTORY, 1)
+    charged = _then(reserved, PaymentCharged(order=order, amount=order.total, currency="EUR"), Source.PAYMENT, 2)
+    granted = _then(
+        charged, ApprovalGranted(order=order, reviewer="system", reason="below threshold"), Source.APPROVAL, 3
+    )
+    failed = _then(granted, ShippingFailed(reason="no carrier serves AQ"), Source.SHIPPING, 4)
+    attempts = [
+        Envelope.new(
+            PaymentRefundFailed(
+                customer_id="c-1",
+                amount=order.total,
+                currency="EUR",
+                attempt=attempt,
+                reason="refund provider unavailable",
+                retry_at=_at(retry_at),
+            ),
+            order_id=order_id,
+            source=Source.PAYMENT,
+            cause=failed,  # every attempt is caused by the compensating event, each with its own id
+            occurred_at=_at(at),
+            event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{failed.event_id}/{attempt}"),
+        )
+        for attempt, at, retry_at in ((1, 4, 5), (2, 5, 7))
+    ]
+    refunded = _then(
+        failed,
+        PaymentRefunded(customer_id="c-1", amount=order.total, currency="EUR", reason="shipping failed"),
+        Source.PAYMENT,
+        7,
+    )
+    released = _then(
+        refunded,
+        InventoryReleased(items=[StockLine(sku="WIDGET-1", quantity=1)], reason="payment refunded"),
+        Source.INVENTORY,
+        8,
+    )
+    cancelled = _then(refunded, OrderCancelled(reason="shipping failed: no carrier serves AQ"), Source.INVENTORY, 8)
+    return [p, reserved, charged, granted, failed, *attempts, refunded, released, cancelled]
+
+
 def denied_saga(order_id: str = "o-denied") -> list[Envelope]:
     """At the threshold: approval requested, a reviewer denies it, the charge and the stock are compensated."""
     order = details(("TV-55", 1, "1200.00"))
@@ -203,6 +249,7 @@ SCENARIOS = {
     "completed": completed_saga,
     "shipping failed": shipping_failed_saga,
     "approval denied": denied_saga,
+    "refund retried": refund_retried_saga,
     "customer cancelled": customer_cancelled_saga,
     "inventory rejected": rejected_saga,
 }

@@ -24,6 +24,7 @@ from tests.audit.builders import (
     customer_cancelled_saga,
     interleave,
     record,
+    refund_retried_saga,
     refused_cancellation,
     shipping_failed_saga,
     topic_name,
@@ -340,3 +341,15 @@ def test_a_refund_never_overtakes_the_charge_it_refunds() -> None:
     assert audit.feed(charged, refunded) == []
     # Then the refund is written after the charge, once the charge's cause arrives
     assert ids(audit.feed(reserved)) == ids([reserved, charged, refunded])
+
+
+def test_failed_refund_attempts_never_overtake_the_charge_and_the_refund_never_overtakes_them() -> None:
+    # Given a refund retried twice, and payment.events read before everything else
+    saga = refund_retried_saga()
+    placed, reserved, charged, granted, failed, attempt_1, attempt_2, refunded, released, cancelled = saga
+    audit = Harness.for_order(placed.order_id)
+    assert audit.feed(charged, attempt_1, attempt_2, refunded) == []
+    # When the rest arrives
+    audit.feed(placed, reserved, granted, failed, released, cancelled)
+    # Then payment's events keep the order payment published them in, after the failure that caused them
+    assert ids(audit.audited()) == ids(saga)

@@ -30,6 +30,7 @@ from tests.audit.builders import (
     customer_cancelled_saga,
     denied_saga,
     interleave,
+    refund_retried_saga,
     refused_cancellation,
     rejected_saga,
     shipping_failed_saga,
@@ -90,6 +91,43 @@ def test_a_compensated_order_audited_out_of_order_reads_in_causal_order() -> Non
     assert "50.00 EUR; reason: shipping failed" in rendered[6]
     assert "WIDGET-1×1; reason: payment refunded" in rendered[7]
     assert rendered[-1] == "  outcome: cancelled: shipping failed: no carrier serves AQ"
+
+
+def test_failed_refund_attempts_read_in_order_before_the_refund_with_when_they_retry() -> None:
+    # Given a refund that failed twice before it succeeded, its topics read in any interleaving
+    saga = refund_retried_saga()
+    topics = [topic_name(event) for event in saga]
+    random.Random(11).shuffle(topics)
+    audit = Harness.for_order(saga[0].order_id)
+    audit.feed(*interleave(saga, topics))
+    # When its audit trail is rendered
+    rendered = lines(audit.audited())
+    # Then both failures follow the shipping failure in attempt order, and the refund comes after them
+    assert [line.split()[2] for line in rendered[1:-1]] == [
+        "OrderPlaced",
+        "InventoryReserved",
+        "PaymentCharged",
+        "ApprovalGranted",
+        "ShippingFailed",
+        "PaymentRefundFailed",
+        "PaymentRefundFailed",
+        "PaymentRefunded",
+        "InventoryReleased",
+        "OrderCancelled",
+    ]
+    assert rendered[6].endswith(
+        "50.00 EUR; attempt 1 failed: refund provider unavailable; retry at 2025-03-01T09:00:05.000Z"
+    )
+    assert "attempt 2 failed: refund provider unavailable; retry at 2025-03-01T09:00:07.000Z" in rendered[7]
+    assert rendered[-1] == "  outcome: cancelled: shipping failed: no carrier serves AQ"
+
+
+def test_status_while_a_refund_is_retried_says_so() -> None:
+    saga = refund_retried_saga()
+    status = order_status(saga[:6])
+    assert status.state == CANCELLING
+    assert status.describe() == "cancelling (refund retrying): no carrier serves AQ"
+    assert order_status(saga[:8]).describe() == "cancelling (payment refunded): no carrier serves AQ"
 
 
 def test_reviewers_and_deadlines_are_shown() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -31,6 +32,13 @@ from services.common.processor import Incoming, KeyedStore, Outgoing, TaskContex
 from services.common.saga import order_key, partition_for
 from services.payment.app import PaymentApp, customer_key, ledger_balances
 from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
+from services.payment.refunds import (
+    PROVIDER_UNAVAILABLE,
+    LedgerRefunds,
+    RefundBackoff,
+    RefundFailure,
+    RefundProvider,
+)
 from services.payment.settings import PaymentSettings
 
 SETTINGS = PaymentSettings(topic_prefix="", partitions=6)
@@ -63,10 +71,32 @@ def decode_out(out: Outgoing) -> Out:
     return Out(topic, out.key.decode(), value, out.value)
 
 
+T0 = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class FlakyRefunds:
+    """A refund provider that fails the first `failures` attempts of each order (per-order overrides), then succeeds."""
+
+    failures: int = 0
+    per_order: dict[str, int] = field(default_factory=dict)
+    attempts: list[tuple[str, Decimal, str, datetime]] = field(default_factory=list)
+
+    def refund(self, order_id: str, amount: Decimal, currency: str, now: datetime) -> RefundFailure | None:
+        self.attempts.append((order_id, amount, currency, now))
+        made = sum(1 for attempt in self.attempts if attempt[0] == order_id)
+        if made <= self.per_order.get(order_id, self.failures):
+            return RefundFailure(PROVIDER_UNAVAILABLE)
+        return None
+
+
 @dataclass
 class Harness:
     limits: dict[str, Decimal] = field(default_factory=dict)
     default_limit: Decimal = Decimal("1000.00")
+    refunds: RefundProvider = field(default_factory=LedgerRefunds)
+    backoff: RefundBackoff = field(default_factory=RefundBackoff)
+    now: datetime = T0
     app: PaymentApp = field(init=False)
     stores: defaultdict[int, KeyedStore] = field(default_factory=lambda: defaultdict(KeyedStore))
     pending: dict[tuple[str, int], deque[Outgoing]] = field(default_factory=dict)
@@ -74,7 +104,16 @@ class Harness:
     offset: int = 0
 
     def __post_init__(self) -> None:
-        self.app = PaymentApp(CreditLimits(default=self.default_limit, customers=dict(self.limits)))
+        self.restart()
+
+    def restart(self) -> None:
+        """A new instance of the app over the same committed state (as restored from the changelog)."""
+        self.app = PaymentApp(
+            CreditLimits(default=self.default_limit, customers=dict(self.limits)),
+            refunds=self.refunds,
+            backoff=self.backoff,
+            clock=lambda: self.now,
+        )
 
     # --- feeding records ----------------------------------------------------------------------
 
@@ -82,10 +121,23 @@ class Harness:
         """Process one record in its task (one committed batch); returns what it produced."""
         if partition is None:
             partition = partition_for(key or b"", SETTINGS.partitions)
+        self.offset += 1
+        message = Incoming(topic, partition, self.offset, key, value, 0)
+        return self._run(partition, lambda task: self.app.process(task, message))
+
+    def tick(self, at: datetime | None = None) -> list[Out]:
+        """Move the clock to `at` (if given) and tick every task, as the runner does about every second."""
+        if at is not None:
+            self.now = at
+        produced: list[Out] = []
+        for partition in range(SETTINGS.partitions):
+            produced.extend(self._run(partition, lambda task: self.app.tick(task, self.now)))
+        return produced
+
+    def _run(self, partition: int, work: Callable[[TaskContext], None]) -> list[Out]:
         store = self.stores[partition]
         task = TaskContext(partition, SETTINGS, self.app.name, store)
-        self.offset += 1
-        self.app.process(task, Incoming(topic, partition, self.offset, key, value, 0))
+        work(task)
         store.commit()
         produced = [decode_out(out) for out in task.outbox]
         for out, decoded in zip(task.outbox, produced, strict=True):
@@ -140,8 +192,11 @@ class Harness:
             if isinstance(out.value, LedgerRequest) and (order_id is None or out.value.order_id == order_id)
         ]
 
+    def partition_of(self, key: str) -> int:
+        return partition_for(key.encode(), SETTINGS.partitions)
+
     def _store_of(self, key: str) -> KeyedStore:
-        return self.stores[partition_for(key.encode(), SETTINGS.partitions)]
+        return self.stores[self.partition_of(key)]
 
 
 # --- builders -----------------------------------------------------------------------------------
