@@ -1,25 +1,29 @@
 """Exactly-once consume → handle → produce, with keyed state kept in a compacted changelog.
 
 The plumbing every stateful service shares; services supply only a `StreamApp` (what to read,
-how to react). The unit of work is a *task*: partition number `p` of every input topic and of
+how to react). The unit of state is a *task*: partition number `p` of every input topic and of
 the service's changelog. All order-keyed topics share one partition count, so a task owns every
 event of its orders, and its state can never be split between instances.
 
-Each task has its own transactional producer (`<group>-task-<p>`). Input offsets, output events
-and state changes of a batch commit in one Kafka transaction, or not at all. aiokafka speaks
-only v0 of the transaction calls (no consumer-group fencing, KIP-447), so the stable
-per-task transactional id is what fences a zombie: whoever starts the task's producer last
-aborts the previous owner's open transaction and makes its later commits fail.
+An instance commits everything it did since its last commit (input offsets, output events and
+state changes of all its tasks) in one Kafka transaction, or nothing of it. The broker's cost
+follows the number of transactions, not of records, so one transaction per poll rather than one
+per task is what lets throughput grow with load.
+
+aiokafka speaks only v0 of the transaction calls (no consumer-group fencing, KIP-447), so fencing
+is done by hand: each assignment gets a fresh transactional id, every commit tags the committed
+offsets with it, and a new owner of a partition first starts a producer with the id it finds
+there. That aborts the earlier owner's open transaction and makes its later commits fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import heapq
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +37,7 @@ from pydantic import BaseModel
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.topics import DEAD_LETTER, Topic, topic_of
+from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
@@ -48,6 +53,10 @@ TRANSACTION_RETRY_BACKOFF_MS = 20
 # A whole batch's records for one partition fit one producer batch: with the default 16 KiB a
 # busy task's sends waited for earlier batches to drain, one produce round trip at a time.
 TASK_BATCH_BYTES = 512 * 1024
+# Fencing earlier owners normally takes well under a second; far longer means a broker call
+# hangs, and a member that never finishes its assignment holds its partitions hostage.
+FENCE_TIMEOUT_S = 60.0
+ASSIGNMENT_POLL_S = 0.05
 
 
 class TaskFencedError(RuntimeError):
@@ -192,22 +201,17 @@ def _b64(raw: bytes | None) -> str | None:
 
 
 @dataclass
-class _Task:
-    partition: int
-    producer: AIOKafkaProducer
-    store: KeyedStore
-
-
-@dataclass
 class RunnerStats:
     batches: int = 0
     records: int = 0
+    transactions: int = 0
     restored_records: int = 0
+    fenced_owners: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
 class TransactionalRunner:
-    """Runs a `StreamApp` until stopped: one consumer, one transactional producer per owned task."""
+    """Runs a `StreamApp` until stopped: one consumer, one transactional producer per assignment."""
 
     def __init__(
         self,
@@ -225,13 +229,20 @@ class TransactionalRunner:
         self.clock = clock
         self.group_id = settings.group(app.name)
         self.stats = RunnerStats()
-        self._tasks: dict[int, _Task] = {}
+        self._stores: dict[int, KeyedStore] = {}
         self._topics_by_name = {settings.topic(topic): topic for topic in app.inputs}
         self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._transactional_id = ""
+        # Unique per process start: a restarted or second instance never shares ids with this one.
+        self._incarnation = uuid.uuid4().hex[:12]
+        self._assignments = 0
+        self._positions: dict[TopicPartition, int] = {}
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
         self._last_tick = 0.0
+        self._failure: Exception | None = None
 
     @property
     def ready(self) -> bool:
@@ -239,10 +250,14 @@ class TransactionalRunner:
 
     @property
     def partitions(self) -> list[int]:
-        return sorted(self._tasks)
+        return sorted(self._stores)
+
+    @property
+    def transactional_id(self) -> str:
+        return self._transactional_id
 
     def store(self, partition: int) -> KeyedStore:
-        return self._tasks[partition].store
+        return self._stores[partition]
 
     async def run(self) -> None:
         consumer = make_consumer(
@@ -259,20 +274,31 @@ class TransactionalRunner:
         log.info("service started", extra={"service": self.app.name, "group": self.group_id})
         try:
             while not self._stopping.is_set():
+                if self._producer is None:
+                    # Between a revocation and the next assignment: let the group protocol run
+                    # (getmany with a zero timeout would not yield to it).
+                    await asyncio.sleep(ASSIGNMENT_POLL_S)
+                    continue
                 # Wait no longer than the next tick is due, so timers fire on time under any load.
                 until_tick = self._last_tick + self.tick_interval - time.monotonic()
                 batch = await consumer.getmany(timeout_ms=max(0, int(until_tick * 1000)))
                 async with self._work_lock:
                     await self._process(batch)
-                    await self._maybe_tick()
         finally:
             async with self._work_lock:
-                await self._close_tasks(list(self._tasks))
+                await self._release_assignment()
             await consumer.stop()
             log.info("service stopped", extra={"service": self.app.name})
+        if self._failure is not None:
+            raise RuntimeError(f"{self.app.name} stopped: {self._failure!r}") from self._failure
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _fail(self, error: Exception) -> None:
+        log.error("could not take an assignment", exc_info=error, extra={"service": self.app.name})
+        self._failure = error
+        self.stop()
 
     async def lag(self) -> int:
         """Records committed on the inputs but not yet processed by this instance."""
@@ -292,24 +318,35 @@ class TransactionalRunner:
     # --- batches ------------------------------------------------------------------------------
 
     async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        if self._producer is None:
+            return
+        contexts: dict[int, TaskContext] = {}
+        offsets: dict[TopicPartition, int] = {}
+        records = 0
+        for tp, rows in batch.items():
+            if rows and tp.partition in self._stores:
+                offsets[tp] = rows[-1].offset + 1
+                records += len(rows)
         by_task: dict[int, dict[TopicPartition, list[Any]]] = {}
-        for tp, records in batch.items():
-            if records and tp.partition in self._tasks:
-                by_task.setdefault(tp.partition, {})[tp] = records
-        # Tasks share nothing (own producer, own state, own partitions), so their transactions
-        # run concurrently: a batch costs one transaction's round trips, not one per partition.
-        await asyncio.gather(
-            *(
-                self._in_transaction(
-                    partition,
-                    functools.partial(self._handle_records, records=task_records),
-                    offsets={tp: rows[-1].offset + 1 for tp, rows in task_records.items()},
-                )
-                for partition, task_records in by_task.items()
-            )
-        )
+        for tp in offsets:
+            by_task.setdefault(tp.partition, {})[tp] = batch[tp]
+        for partition, task_records in by_task.items():
+            self._handle_records(self._context(contexts, partition), task_records)
+        if time.monotonic() - self._last_tick >= self.tick_interval:
+            self._last_tick = time.monotonic()
+            now = self.clock()
+            for partition in list(self._stores):
+                self.app.tick(self._context(contexts, partition), now)
+        await self._commit(contexts, offsets)
         self.stats.batches += len(by_task)
-        self.stats.records += sum(len(rows) for task_records in by_task.values() for rows in task_records.values())
+        self.stats.records += records
+
+    def _context(self, contexts: dict[int, TaskContext], partition: int) -> TaskContext:
+        context = contexts.get(partition)
+        if context is None:
+            context = TaskContext(partition, self.settings, self.app.name, self._stores[partition])
+            contexts[partition] = context
+        return context
 
     def _handle_records(self, context: TaskContext, records: dict[TopicPartition, list[Any]]) -> None:
         # One task reads several topics; merging them by record timestamp (each partition stays in
@@ -328,108 +365,157 @@ class TransactionalRunner:
                 log.exception("handler failed", extra={"service": self.app.name, "offset": row.offset})
                 context.dead_letter(message, f"handler error: {error!r}")
 
-    async def _maybe_tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_tick < self.tick_interval:
+    async def _commit(self, contexts: dict[int, TaskContext], offsets: dict[TopicPartition, int]) -> None:
+        """One transaction for everything this instance did since the last one, or nothing of it."""
+        producer = self._producer
+        assert producer is not None
+        changes = {partition: self._stores[partition].pending_changes() for partition in contexts}
+        if not offsets and not any(changes.values()) and not any(context.outbox for context in contexts.values()):
             return
-        self._last_tick = now
-        now_utc = self.clock()
-        await asyncio.gather(
-            *(
-                self._in_transaction(partition, lambda context: self.app.tick(context, now_utc), offsets={})
-                for partition in list(self._tasks)
-            )
-        )
-
-    async def _in_transaction(
-        self,
-        partition: int,
-        work: Callable[[TaskContext], None],
-        offsets: dict[TopicPartition, int],
-    ) -> None:
-        task = self._tasks[partition]
-        context = TaskContext(partition, self.settings, self.app.name, task.store)
-        work(context)
-        changes = task.store.pending_changes()
-        if not context.outbox and not changes and not offsets:
-            return
+        positions = {**self._positions, **offsets}
+        changelog = self.settings.topic(self.app.changelog)
         try:
-            async with task.producer.transaction():
-                deliveries = [
-                    await task.producer.send(out.topic, out.value, key=out.key, partition=out.partition)
-                    for out in context.outbox
-                ]
-                changelog = self.settings.topic(self.app.changelog)
-                deliveries += [
-                    await task.producer.send(changelog, value, key=key.encode(), partition=partition)
-                    for key, value in changes.items()
-                ]
-                if offsets:
-                    await task.producer.send_offsets_to_transaction(offsets, self.group_id)
+            async with producer.transaction():
+                deliveries = []
+                for partition, context in contexts.items():
+                    deliveries += [
+                        await producer.send(out.topic, out.value, key=out.key, partition=out.partition)
+                        for out in context.outbox
+                    ]
+                    deliveries += [
+                        await producer.send(changelog, value, key=key.encode(), partition=partition)
+                        for key, value in changes[partition].items()
+                    ]
+                # Every owned position goes with every commit, tagged with this producer's id: whoever
+                # takes a partition over reads from the tag which producer it must fence.
+                if positions:
+                    await producer.send_offsets_to_transaction(
+                        {tp: (offset, self._transactional_id) for tp, offset in positions.items()}, self.group_id
+                    )
                 # Every record's outcome is read here, so a failed send fails this transaction
                 # (and is never left as an unobserved error).
                 await asyncio.gather(*deliveries)
         except ProducerFenced as error:
-            # Another instance took this task over while we were stalled: we are a zombie. Our
+            # Another instance took our partitions over while we were stalled: we are a zombie. Our
             # transaction is void; the only safe course is to stop and start again from the group.
-            task.store.rollback()
-            await self._close_tasks([partition])
-            raise TaskFencedError(f"{self.app.name} task {partition} was fenced by a newer owner") from error
+            self._rollback()
+            self.stop()  # and take no new assignment while the consumer leaves the group
+            await self._release_assignment()
+            raise TaskFencedError(f"{self.app.name} ({self._transactional_id}) was fenced by a newer owner") from error
         except KafkaError:
-            # The transaction was aborted: start the task afresh from what was committed.
-            log.exception(
-                "transaction failed; reopening task", extra={"service": self.app.name, "partition": partition}
-            )
-            task.store.rollback()
-            await self._close_tasks([partition])
-            await self._open_tasks([partition])
-            await self._rewind(partition)
+            # The transaction was aborted: start again from what was committed.
+            log.exception("transaction failed; resuming from the last commit", extra={"service": self.app.name})
+            self._rollback()
+            await self._restart_producer()
+            self._rewind()
             return
-        task.store.commit()
+        self._positions = positions
+        for store in self._stores.values():
+            store.commit()
+        self.stats.transactions += 1
 
-    async def _rewind(self, partition: int) -> None:
-        """Move the consumer back to the committed offsets of the task's inputs, to redo an aborted batch."""
+    def _rollback(self) -> None:
+        for store in self._stores.values():
+            store.rollback()
+
+    def _rewind(self) -> None:
+        """Move the consumer back to the committed positions, to redo an aborted batch."""
         consumer = self._consumer
         assert consumer is not None
         for tp in consumer.assignment():
-            if tp.partition != partition:
-                continue
-            committed = await consumer.committed(tp)
-            if committed is None:
-                await consumer.seek_to_beginning(tp)
-            else:
+            committed = self._positions.get(tp)
+            if committed is not None:
                 consumer.seek(tp, committed)
 
-    # --- task lifecycle -----------------------------------------------------------------------
+    # --- assignment lifecycle -----------------------------------------------------------------
 
-    async def _open_tasks(self, partitions: Sequence[int]) -> None:
-        new = [partition for partition in partitions if partition not in self._tasks]
-        if not new:
-            return
-        # Starting a task's producer fences its previous owner and settles that owner's open
-        # transaction, so what we then read back from the changelog is exactly what was committed.
-        # The consumer resumes from the committed offsets itself; should it read them a moment
-        # before a zombie's last commit completes, reprocessing derives the same event ids and
-        # every consumer deduplicates on them.
-        producers = [
-            make_producer(
-                self.settings,
-                transactional_id=f"{self.group_id}-task-{partition}",
-                linger_ms=2,
-                retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
-                max_batch_size=TASK_BATCH_BYTES,
-            )
-            for partition in new
-        ]
-        await asyncio.gather(*(producer.start() for producer in producers))
-        stores = await self._restore(new)
-        for partition, producer in zip(new, producers, strict=True):
-            self._tasks[partition] = _Task(partition, producer, stores[partition])
+    async def _take_assignment(self, assigned: Sequence[TopicPartition]) -> None:
+        """Fence every earlier owner of `assigned`, then restore its state and committed positions.
+
+        A partition's committed offset carries the transactional id of the producer that committed
+        it. Starting a producer with that id bumps its epoch: the earlier owner's open transaction is
+        aborted and its later commits fail, so nothing a stalled instance does can land after this.
+        Only then are the positions and the changelog read, so both are exactly what was committed.
+        """
+        await self._release_assignment()
+        self._assignments += 1
+        self._transactional_id = f"{self.group_id}-{self._incarnation}-{self._assignments}"
+        self._producer = make_producer(
+            self.settings,
+            transactional_id=self._transactional_id,
+            linger_ms=2,
+            retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
+            max_batch_size=TASK_BATCH_BYTES,
+        )
+        started = time.monotonic()
+        async with asyncio.timeout(FENCE_TIMEOUT_S):
+            await self._producer.start()
+            producer_s = time.monotonic() - started
+            committed = await self._fence_previous_owners(list(assigned))
+            fenced_s = time.monotonic() - started - producer_s
+        partitions = sorted({tp.partition for tp in assigned})
+        self._stores = await self._restore(partitions)
+        log.info(
+            "took assignment",
+            extra={
+                "service": self.app.name,
+                "producer_s": round(producer_s, 3),
+                "fence_s": round(fenced_s, 3),
+                "restore_s": round(time.monotonic() - started - producer_s - fenced_s, 3),
+            },
+        )
+        consumer = self._consumer
+        assert consumer is not None
+        self._positions = {}
+        for tp in assigned:
+            position = committed.get(tp)
+            if position is not None:
+                consumer.seek(tp, position)
+                self._positions[tp] = position
+
+    async def _fence_previous_owners(self, assigned: list[TopicPartition]) -> dict[TopicPartition, int]:
+        fenced: set[str] = set()
+        admin = make_admin(self.settings)
+        await admin.start()
+        try:
+            while True:
+                found = await admin.list_consumer_group_offsets(self.group_id, partitions=assigned)
+                owners = {meta.metadata for meta in found.values() if meta.offset >= 0 and meta.metadata}
+                unfenced = owners - fenced - {self._transactional_id}
+                if not unfenced:
+                    return {tp: meta.offset for tp, meta in found.items() if meta.offset >= 0}
+                await asyncio.gather(*(self._fence(owner) for owner in unfenced))
+                fenced |= unfenced
+        finally:
+            await admin.close()
+
+    async def _fence(self, transactional_id: str) -> None:
+        producer = make_producer(self.settings, transactional_id=transactional_id)
+        # Starting is the fence: the broker bumps the id's epoch and settles its open transaction.
+        await producer.start()
+        await producer.stop()
+        self.stats.fenced_owners += 1
+        log.info("fenced an earlier owner", extra={"service": self.app.name, "transactional_id": transactional_id})
+
+    async def _restart_producer(self) -> None:
+        old = self._producer
+        assert old is not None
+        await old.stop()
+        self._producer = make_producer(
+            self.settings,
+            transactional_id=self._transactional_id,
+            linger_ms=2,
+            retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
+            max_batch_size=TASK_BATCH_BYTES,
+        )
+        await self._producer.start()
 
     async def _restore(self, partitions: Sequence[int]) -> dict[int, KeyedStore]:
         changelog = self.settings.topic(self.app.changelog)
         stores = {partition: KeyedStore() for partition in partitions}
         tps = [TopicPartition(changelog, partition) for partition in partitions]
+        if not tps:
+            return stores
         reader = make_consumer(self.settings, group_id=None, enable_auto_commit=False)
         await reader.start()
         count = 0
@@ -454,11 +540,12 @@ class TransactionalRunner:
         )
         return stores
 
-    async def _close_tasks(self, partitions: Sequence[int]) -> None:
-        for partition in partitions:
-            task = self._tasks.pop(partition, None)
-            if task is not None:
-                await task.producer.stop()
+    async def _release_assignment(self) -> None:
+        self._stores = {}
+        self._positions = {}
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -466,15 +553,27 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        # Waiting for the lock lets an in-flight batch commit before its task is handed over.
+        # Waiting for the lock lets an in-flight batch commit before its partitions are handed over.
         async with self.runner._work_lock:
-            await self.runner._close_tasks(sorted({tp.partition for tp in revoked}))
+            await self.runner._release_assignment()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self.runner._work_lock:
-            await self.runner._open_tasks(sorted({tp.partition for tp in assigned}))
+            if self.runner._stopping.is_set():
+                return
+            try:
+                await self.runner._take_assignment(assigned)
+            except Exception as error:
+                # aiokafka would only log a listener's error and leave us owning partitions we never
+                # process: stop instead, so the process exits and the group moves them on.
+                self.runner._fail(error)
+                return
         self.runner._assigned.set()
         log.info(
             "partitions assigned",
-            extra={"service": self.runner.app.name, "partitions": self.runner.partitions},
+            extra={
+                "service": self.runner.app.name,
+                "partitions": self.runner.partitions,
+                "transactional_id": self.runner.transactional_id,
+            },
         )
