@@ -93,6 +93,28 @@ def decode(task: TaskContext, message: Incoming) -> Envelope | None:
     return envelope
 
 
+class AppliedOffset(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    offset: int
+
+
+def read_again(task: TaskContext, message: Incoming) -> bool:
+    """Whether this task applied `message` before: it is being read again from a rewound offset.
+
+    An entity stage (stock by SKU, credit by customer) forgets an order once it is settled, so a
+    request read again after an operator rewinds the consumer group would apply a second time. The
+    highest offset applied, kept in the task's state and committed with it, tells a replay from a
+    new request, in constant space.
+    """
+    key = f"applied:{message.topic.name}"
+    applied = task.store.get(key, AppliedOffset)
+    if applied is not None and message.offset <= applied.offset:
+        return True
+    task.store.put(key, AppliedOffset(offset=message.offset))
+    return False
+
+
 def decode_internal(
     task: TaskContext, message: Incoming, model: type[Body], key_field: str, key_of: Callable[[Body], str]
 ) -> Body | None:

@@ -20,7 +20,7 @@ from schemas.topics import (
     Topic,
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key
+from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key, read_again
 from services.inventory.domain import InventoryOrder, SkuStock, StockReply, StockRequest, load_catalog, sku_key
 from services.inventory.handlers import SAGA_HANDLERS, stock_replied, stock_requested
 from services.inventory.settings import InventorySettings
@@ -54,6 +54,8 @@ class InventoryApp:
         """Inventory has no deadlines."""
 
     def _stock_request(self, task: TaskContext, message: Incoming) -> None:
+        if read_again(task, message):
+            return
         request = decode_internal(task, message, StockRequest, "sku", lambda body: body.sku)
         if request is None:
             return

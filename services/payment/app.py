@@ -30,7 +30,7 @@ from schemas.topics import (
     Topic,
 )
 from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key
+from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key, read_again
 from services.payment.domain import (
     CreditLimits,
     CustomerLedger,
@@ -88,6 +88,8 @@ class PaymentApp:
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         if message.topic == LEDGER_REQUESTS:
+            if read_again(task, message):
+                return
             request = decode_internal(task, message, LedgerRequest, "customer_id", lambda body: body.customer_id)
             if request is not None:
                 self._apply_ledger_request(task, request)

@@ -62,16 +62,11 @@ POISON_FOLLOWERS = 3
 # orders placed while no fault was active.
 POISON_LATENCY_FACTOR = 3.0
 SCALABLE = ("inventory", "payment", "shipping", "approval", "audit")
-# Inventory ships a replayed order twice (test_replayed_stock_requests.py): rewinding it fails every run
-# until that is fixed, so it is rewound only when asked (CHOREO_FAULTS_REWIND=inventory).
-REWOUND = tuple(name for name in SAGA_SERVICES if name != "inventory")
-
-
 def plan(run: FaultRun) -> list[Scenario]:
     """One pass of every fault, in an order and on victims the run's RNG picks."""
     rng = run.rng
     scaled = rng.choice(SCALABLE)
-    drawn = rng.choice(REWOUND)  # drawn even when forced, so the rest of the run replays the same
+    drawn = rng.choice(SAGA_SERVICES)  # drawn even when forced, so the rest of the run replays the same
     rewound = os.environ.get("CHOREO_FAULTS_REWIND", "").strip() or drawn
     steps: list[Scenario] = [functools.partial(poison, run)]
     victims = rng.sample(SAGA_SERVICES, len(SAGA_SERVICES))
