@@ -62,6 +62,8 @@ POISON_FOLLOWERS = 3
 # orders placed while no fault was active.
 POISON_LATENCY_FACTOR = 3.0
 SCALABLE = ("inventory", "payment", "shipping", "approval", "audit")
+
+
 def plan(run: FaultRun) -> list[Scenario]:
     """One pass of every fault, in an order and on victims the run's RNG picks."""
     rng = run.rng
