@@ -238,6 +238,12 @@ class TransactionalRunner:
         self._incarnation = uuid.uuid4().hex[:12]
         self._assignments = 0
         self._positions: dict[TopicPartition, int] = {}
+        self._commit_interval = settings.commit_interval.total_seconds()
+        # Handled but not yet committed: what the next transaction carries.
+        self._pending: dict[int, TaskContext] = {}
+        self._pending_offsets: dict[TopicPartition, int] = {}
+        self._pending_records = 0
+        self._pending_since = 0.0
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
@@ -279,11 +285,17 @@ class TransactionalRunner:
                     # (getmany with a zero timeout would not yield to it).
                     await asyncio.sleep(ASSIGNMENT_POLL_S)
                     continue
-                # Wait no longer than the next tick is due, so timers fire on time under any load.
-                until_tick = self._last_tick + self.tick_interval - time.monotonic()
-                batch = await consumer.getmany(timeout_ms=max(0, int(until_tick * 1000)))
+                # Wait no longer than the next tick (or commit) is due, so timers fire on time under any load.
+                wait = self._last_tick + self.tick_interval - time.monotonic()
+                if self._pending:
+                    wait = min(wait, self._pending_since + self._commit_interval - time.monotonic())
+                batch = await consumer.getmany(timeout_ms=max(0, int(wait * 1000)))
                 async with self._work_lock:
                     await self._process(batch)
+            if self._failure is None:
+                async with self._work_lock:
+                    if self._producer is not None:
+                        await self._flush()
         finally:
             async with self._work_lock:
                 await self._release_assignment()
@@ -320,26 +332,33 @@ class TransactionalRunner:
     async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
         if self._producer is None:
             return
-        contexts: dict[int, TaskContext] = {}
-        offsets: dict[TopicPartition, int] = {}
-        records = 0
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        by_task: dict[int, dict[TopicPartition, list[Any]]] = {}
         for tp, rows in batch.items():
             if rows and tp.partition in self._stores:
-                offsets[tp] = rows[-1].offset + 1
-                records += len(rows)
-        by_task: dict[int, dict[TopicPartition, list[Any]]] = {}
-        for tp in offsets:
-            by_task.setdefault(tp.partition, {})[tp] = batch[tp]
+                self._pending_offsets[tp] = rows[-1].offset + 1
+                self._pending_records += len(rows)
+                by_task.setdefault(tp.partition, {})[tp] = rows
         for partition, task_records in by_task.items():
-            self._handle_records(self._context(contexts, partition), task_records)
+            self._handle_records(self._context(self._pending, partition), task_records)
         if time.monotonic() - self._last_tick >= self.tick_interval:
             self._last_tick = time.monotonic()
             now = self.clock()
             for partition in list(self._stores):
-                self.app.tick(self._context(contexts, partition), now)
-        await self._commit(contexts, offsets)
+                self.app.tick(self._context(self._pending, partition), now)
         self.stats.batches += len(by_task)
-        self.stats.records += records
+        due = time.monotonic() - self._pending_since >= self._commit_interval
+        if due or self._pending_records >= self.max_batch:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Commit what was handled since the last commit (at once, whatever the interval)."""
+        contexts, offsets, records = self._pending, self._pending_offsets, self._pending_records
+        self._pending, self._pending_offsets, self._pending_records = {}, {}, 0
+        if contexts or offsets:
+            await self._commit(contexts, offsets)
+            self.stats.records += records
 
     def _context(self, contexts: dict[int, TaskContext], partition: int) -> TaskContext:
         context = contexts.get(partition)
@@ -541,6 +560,7 @@ class TransactionalRunner:
         return stores
 
     async def _release_assignment(self) -> None:
+        self._pending, self._pending_offsets, self._pending_records = {}, {}, 0
         self._stores = {}
         self._positions = {}
         producer, self._producer = self._producer, None
@@ -553,8 +573,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        # Waiting for the lock lets an in-flight batch commit before its partitions are handed over.
+        # Waiting for the lock lets an in-flight batch commit before its partitions are handed over;
+        # what was handled since is committed now, so the next owner need not redo it.
         async with self.runner._work_lock:
+            if self.runner._producer is not None:
+                await self.runner._flush()
             await self.runner._release_assignment()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

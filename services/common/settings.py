@@ -52,6 +52,11 @@ class ChoreoSettings(BaseSettings):
         default="127.0.0.1", description="Interface of the /health endpoint (0.0.0.0 in containers)."
     )
     health_port: int = Field(default=0, ge=0, le=65535, description="Port of the /health endpoint; 0 picks a free one.")
+    commit_interval: Duration = Field(
+        default=timedelta(0),
+        description="Least time between two transactions of an instance: 0 commits after every poll (lowest "
+        "latency); more lets one transaction carry more records (higher throughput, each hop up to this much later).",
+    )
 
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
