@@ -459,13 +459,7 @@ class TransactionalRunner:
         await self._release_assignment()
         self._assignments += 1
         self._transactional_id = f"{self.group_id}-{self._incarnation}-{self._assignments}"
-        self._producer = make_producer(
-            self.settings,
-            transactional_id=self._transactional_id,
-            linger_ms=2,
-            retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
-            max_batch_size=TASK_BATCH_BYTES,
-        )
+        self._producer = self._new_producer()
         started = time.monotonic()
         async with asyncio.timeout(FENCE_TIMEOUT_S):
             await self._producer.start()
@@ -516,17 +510,20 @@ class TransactionalRunner:
         self.stats.fenced_owners += 1
         log.info("fenced an earlier owner", extra={"service": self.app.name, "transactional_id": transactional_id})
 
-    async def _restart_producer(self) -> None:
-        old = self._producer
-        assert old is not None
-        await old.stop()
-        self._producer = make_producer(
+    def _new_producer(self) -> AIOKafkaProducer:
+        return make_producer(
             self.settings,
             transactional_id=self._transactional_id,
             linger_ms=2,
             retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
             max_batch_size=TASK_BATCH_BYTES,
         )
+
+    async def _restart_producer(self) -> None:
+        old = self._producer
+        assert old is not None
+        await old.stop()
+        self._producer = self._new_producer()
         await self._producer.start()
 
     async def _restore(self, partitions: Sequence[int]) -> dict[int, KeyedStore]:

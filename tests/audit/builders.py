@@ -93,9 +93,8 @@ def completed_saga(order_id: str = "o-happy") -> list[Envelope]:
     return [p, reserved, charged, granted, scheduled, done]
 
 
-def shipping_failed_saga(order_id: str = "o-failed") -> list[Envelope]:
-    """Shipping fails; payment refunds; inventory releases and cancels."""
-    order = details(("WIDGET-1", 1, "50.00"), country="AQ")
+def _until_shipping_failed(order_id: str, order: OrderDetails) -> list[Envelope]:
+    """Placed, reserved, charged and granted at 0 to 3 s; shipping fails at 4 s."""
     p = placed(order_id, order)
     reserved = _then(p, InventoryReserved(order=order), Source.INVENTORY, 1)
     charged = _then(reserved, PaymentCharged(order=order, amount=order.total, currency="EUR"), Source.PAYMENT, 2)
@@ -103,32 +102,41 @@ def shipping_failed_saga(order_id: str = "o-failed") -> list[Envelope]:
         charged, ApprovalGranted(order=order, reviewer="system", reason="below threshold"), Source.APPROVAL, 3
     )
     failed = _then(granted, ShippingFailed(reason="no carrier serves AQ"), Source.SHIPPING, 4)
+    return [p, reserved, charged, granted, failed]
+
+
+def _refunded_and_cancelled(failed: Envelope, order: OrderDetails, at: int) -> list[Envelope]:
+    """Payment refunds at `at` s; inventory releases and cancels a second later."""
     refunded = _then(
         failed,
         PaymentRefunded(customer_id="c-1", amount=order.total, currency="EUR", reason="shipping failed"),
         Source.PAYMENT,
-        5,
+        at,
     )
     released = _then(
         refunded,
         InventoryReleased(items=[StockLine(sku="WIDGET-1", quantity=1)], reason="payment refunded"),
         Source.INVENTORY,
-        6,
+        at + 1,
     )
-    cancelled = _then(refunded, OrderCancelled(reason="shipping failed: no carrier serves AQ"), Source.INVENTORY, 6)
-    return [p, reserved, charged, granted, failed, refunded, released, cancelled]
+    cancelled = _then(
+        refunded, OrderCancelled(reason="shipping failed: no carrier serves AQ"), Source.INVENTORY, at + 1
+    )
+    return [refunded, released, cancelled]
+
+
+def shipping_failed_saga(order_id: str = "o-failed") -> list[Envelope]:
+    """Shipping fails; payment refunds; inventory releases and cancels."""
+    order = details(("WIDGET-1", 1, "50.00"), country="AQ")
+    steps = _until_shipping_failed(order_id, order)
+    return [*steps, *_refunded_and_cancelled(steps[-1], order, 5)]
 
 
 def refund_retried_saga(order_id: str = "o-retried") -> list[Envelope]:
     """Shipping fails while the refund provider is down: attempts at 4 s and 5 s fail, the one at 7 s refunds."""
     order = details(("WIDGET-1", 1, "50.00"), country="AQ")
-    p = placed(order_id, order)
-    reserved = _then(p, InventoryReserved(order=order), Source.INVENTORY, 1)
-    charged = _then(reserved, PaymentCharged(order=order, amount=order.total, currency="EUR"), Source.PAYMENT, 2)
-    granted = _then(
-        charged, ApprovalGranted(order=order, reviewer="system", reason="below threshold"), Source.APPROVAL, 3
-    )
-    failed = _then(granted, ShippingFailed(reason="no carrier serves AQ"), Source.SHIPPING, 4)
+    steps = _until_shipping_failed(order_id, order)
+    failed = steps[-1]
     attempts = [
         Envelope.new(
             PaymentRefundFailed(
@@ -147,20 +155,7 @@ def refund_retried_saga(order_id: str = "o-retried") -> list[Envelope]:
         )
         for attempt, at, retry_at in ((1, 4, 5), (2, 5, 7))
     ]
-    refunded = _then(
-        failed,
-        PaymentRefunded(customer_id="c-1", amount=order.total, currency="EUR", reason="shipping failed"),
-        Source.PAYMENT,
-        7,
-    )
-    released = _then(
-        refunded,
-        InventoryReleased(items=[StockLine(sku="WIDGET-1", quantity=1)], reason="payment refunded"),
-        Source.INVENTORY,
-        8,
-    )
-    cancelled = _then(refunded, OrderCancelled(reason="shipping failed: no carrier serves AQ"), Source.INVENTORY, 8)
-    return [p, reserved, charged, granted, failed, *attempts, refunded, released, cancelled]
+    return [*steps, *attempts, *_refunded_and_cancelled(failed, order, 7)]
 
 
 def denied_saga(order_id: str = "o-denied") -> list[Envelope]:
