@@ -141,7 +141,9 @@ def _price(rng: random.Random, low: int = 1, high: int = 60) -> str:
 
 
 def make_order(rng: random.Random, order_id: str, kind: str) -> PlannedOrder:
-    customer = f"cust-{rng.randrange(60):02d}"
+    # Enough customers that a long run never spends one past its credit limit (5,000.00 by default):
+    # completed orders keep their charge, so a small pool would turn plain orders into declines.
+    customer = f"cust-{rng.randrange(600):03d}"
     country = rng.choice(SERVED)
     lines = [_line(sku, rng.randint(1, 3), _price(rng)) for sku in rng.sample(COMMON_SKUS, rng.randint(1, 3))]
     if kind == UNKNOWN_SKU:
