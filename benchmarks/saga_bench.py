@@ -882,6 +882,13 @@ async def bench_choreo(bench: Bench, settings: ChoreoSettings, run_dir: Path, wa
         await offer.publish(warmup, None, {}, [])
         if not await watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
             raise RuntimeError(f"the services did not finish the warm-up orders within {args.ready_timeout:.0f} s")
+        if args.warmup_s > 0:
+            # A fresh broker JVM costs several times more CPU per transaction until its JIT has
+            # compiled the hot paths; a running cluster is always past that point.
+            load = bench.orders("wl", math.ceil(args.start_rate * args.warmup_s), path.mix)
+            log.info("warming up the broker: %d orders at %.0f/s", len(load), args.start_rate)
+            await offer.publish(load, args.start_rate, {}, [])
+            await watcher.wait_for([o.order_id for o in load], args.recover_s, path.check)
         await bench.sweep(path, args.start_rate, args.factor)
         await bench.latency(path)
     finally:
@@ -1029,6 +1036,7 @@ def positive_float(text: str) -> float:
 # Full run and --quick: (step seconds, settle seconds, latency seconds, choreo factor, raw factor).
 FULL = (12.0, 4.0, 20.0, 1.5, 2.0)
 QUICK = (6.0, 2.0, 8.0, 2.0, 3.0)
+FULL_WARMUP_S, QUICK_WARMUP_S = 60.0, 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1045,6 +1053,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-s", type=positive_float, default=None, help="seconds per sweep step")
     parser.add_argument("--settle-s", type=float, default=None, help="seconds of a step left out of its figures")
     parser.add_argument("--latency-s", type=positive_float, default=None, help="seconds of the latency run")
+    parser.add_argument("--warmup-s", type=float, default=None, help="seconds of load before the sweep")
     parser.add_argument("--recover-s", type=positive_float, default=60.0, help="wait for a backlog to clear")
     parser.add_argument("--ready-timeout", type=positive_float, default=180.0, help="seconds for the warm-up")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order generator")
@@ -1053,6 +1062,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def finish_arguments(args: argparse.Namespace) -> argparse.Namespace:
     step_s, settle_s, latency_s, factor, raw_factor = QUICK if args.quick else FULL
+    args.warmup_s = (QUICK_WARMUP_S if args.quick else FULL_WARMUP_S) if args.warmup_s is None else args.warmup_s
     args.step_s = args.step_s or step_s
     args.settle_s = settle_s if args.settle_s is None else args.settle_s
     args.latency_s = args.latency_s or latency_s
