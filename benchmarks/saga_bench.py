@@ -382,6 +382,8 @@ def service_env(settings: ChoreoSettings, catalog: Path) -> dict[str, str]:
         "CHOREO_HEALTH_PORT": "0",
         "CHOREO_APPROVAL_HTTP_PORT": "0",
         "CHOREO_INVENTORY_CATALOG": str(catalog),
+        # Completed orders keep their charge: a long run must not spend a customer past its limit.
+        "CHOREO_PAYMENT_DEFAULT_CREDIT_LIMIT": "1000000000000.00",
     }
 
 
