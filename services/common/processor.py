@@ -206,7 +206,6 @@ class RunnerStats:
     records: int = 0
     transactions: int = 0
     restored_records: int = 0
-    fenced_owners: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -463,18 +462,17 @@ class TransactionalRunner:
         started = time.monotonic()
         async with asyncio.timeout(FENCE_TIMEOUT_S):
             await self._producer.start()
-            producer_s = time.monotonic() - started
+            producer_started = time.monotonic()
             committed = await self._fence_previous_owners(list(assigned))
-            fenced_s = time.monotonic() - started - producer_s
-        partitions = sorted({tp.partition for tp in assigned})
-        self._stores = await self._restore(partitions)
+        fenced = time.monotonic()
+        self._stores = await self._restore(sorted({tp.partition for tp in assigned}))
         log.info(
             "took assignment",
             extra={
                 "service": self.app.name,
-                "producer_s": round(producer_s, 3),
-                "fence_s": round(fenced_s, 3),
-                "restore_s": round(time.monotonic() - started - producer_s - fenced_s, 3),
+                "producer_s": round(producer_started - started, 3),
+                "fence_s": round(fenced - producer_started, 3),
+                "restore_s": round(time.monotonic() - fenced, 3),
             },
         )
         consumer = self._consumer
@@ -507,7 +505,6 @@ class TransactionalRunner:
         # Starting is the fence: the broker bumps the id's epoch and settles its open transaction.
         await producer.start()
         await producer.stop()
-        self.stats.fenced_owners += 1
         log.info("fenced an earlier owner", extra={"service": self.app.name, "transactional_id": transactional_id})
 
     def _new_producer(self) -> AIOKafkaProducer:
