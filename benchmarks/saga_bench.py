@@ -876,28 +876,38 @@ async def bench_choreo(bench: Bench, settings: ChoreoSettings, run_dir: Path, wa
     watcher = Watcher(settings, settings.topic(AUDIT), raw=False)
     offer = Offer(settings, settings.topic(topic_of(OrderPlaced)), raw=False)
     path = UnderTest(bench.report.choreo, offer, watcher, watched + own, checker(services), bench.report.mix)
-    await watcher.start()
-    await offer.start()
+    warmup = bench.orders("w", len(OUTCOMES) * 2, dict.fromkeys(OUTCOMES, 1))
+    # A fresh broker JVM costs several times more CPU per transaction until its JIT has compiled the
+    # hot paths; a running cluster is always past that point. The raw path runs after, on a warm broker.
     try:
-        warmup = bench.orders("w", len(OUTCOMES) * 2, dict.fromkeys(OUTCOMES, 1))
-        log.info("warming up the services")
-        await offer.publish(warmup, None, {}, [])
-        if not await watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
-            raise RuntimeError(f"the services did not finish the warm-up orders within {args.ready_timeout:.0f} s")
-        if args.warmup_s > 0:
-            # A fresh broker JVM costs several times more CPU per transaction until its JIT has
-            # compiled the hot paths; a running cluster is always past that point.
-            load = bench.orders("wl", math.ceil(args.start_rate * args.warmup_s), path.mix)
-            log.info("warming up the broker: %d orders at %.0f/s", len(load), args.start_rate)
-            await offer.publish(load, args.start_rate, {}, [])
-            await watcher.wait_for([o.order_id for o in load], args.recover_s, path.check)
-        await bench.sweep(path, args.start_rate, args.factor)
-        await bench.latency(path)
+        await measure_path(bench, path, warmup, args.start_rate, args.factor, load_s=args.warmup_s)
     finally:
-        await offer.stop()
-        await watcher.stop()
         bench.final_usage(own)
         stop_services(services)
+
+
+async def measure_path(
+    bench: Bench, path: UnderTest, warmup: list[PlannedOrder], start_rate: float, factor: float, *, load_s: float
+) -> None:
+    """Warm `path` up, sweep its rates and measure its latency; its watcher and offer are closed whatever happens."""
+    args = bench.args
+    await path.watcher.start()
+    await path.offer.start()
+    try:
+        log.info("warming up %s", path.figures.name)
+        await path.offer.publish(warmup, None, {}, [])
+        if not await path.watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
+            raise RuntimeError(f"{path.figures.name} did not pass the warm-up orders within {args.ready_timeout:.0f} s")
+        if load_s > 0:
+            load = bench.orders("wl", math.ceil(start_rate * load_s), path.mix)
+            log.info("warming up the broker: %d orders at %.0f/s", len(load), start_rate)
+            await path.offer.publish(load, start_rate, {}, [])
+            await path.watcher.wait_for([o.order_id for o in load], args.recover_s, path.check)
+        await bench.sweep(path, start_rate, factor)
+        await bench.latency(path)
+    finally:
+        await path.offer.stop()
+        await path.watcher.stop()
 
 
 async def bench_raw(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched: list[Watched]) -> None:
@@ -927,18 +937,10 @@ async def bench_raw(bench: Bench, settings: ChoreoSettings, run_dir: Path, watch
     watcher = Watcher(settings, raw_pipeline.hop_topic(prefix, raw_pipeline.HOPS - 1), raw=True)
     offer = Offer(settings, raw_pipeline.hop_topic(prefix, 0), raw=True)
     path = UnderTest(figures, offer, watcher, watched + own, checker(stages), bench.report.mix)
-    await watcher.start()
-    await offer.start()
+    warmup = bench.orders("rw", 50, path.mix)
     try:
-        warmup = bench.orders("rw", 50, path.mix)
-        await offer.publish(warmup, None, {}, [])
-        if not await watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
-            raise RuntimeError("the raw pipeline did not pass the warm-up records")
-        await bench.sweep(path, args.raw_start_rate, args.raw_factor)
-        await bench.latency(path)
+        await measure_path(bench, path, warmup, args.raw_start_rate, args.raw_factor, load_s=0)
     finally:
-        await offer.stop()
-        await watcher.stop()
         bench.final_usage(own)
         stop_services(stages)
 
