@@ -196,6 +196,12 @@ def schedule(rng: random.Random, orders: Sequence[PlannedOrder], duration: float
     return sorted(sends, key=lambda send: send[0])
 
 
+def describe(orders: Sequence[PlannedOrder], duration: float) -> str:
+    """How a test's order stream is announced on its timeline."""
+    cancelled = sum(1 for order in orders if order.cancel)
+    return f"{len(orders)} orders ({cancelled} with a cancellation) over {duration:.0f} s"
+
+
 async def send_scheduled(settings: ChoreoSettings, sends: Sequence[tuple[float, Envelope]]) -> dict[str, datetime]:
     """Send each envelope at its moment; when each was handed to the producer, by event id."""
     client = producer(settings)

@@ -21,6 +21,7 @@ from tests.support import eventually
 from tests.workload import (
     SERVICES,
     crash,
+    describe,
     ownership,
     pick_service,
     plan_orders,
@@ -47,8 +48,8 @@ async def test_a_service_killed_mid_stream_and_restarted(choreo_settings: Choreo
         kill_at = rng.uniform(0.2, 0.8) * duration
         downtime = rng.uniform(0.2, 3.0)
         timeline.note(
-            f"{len(run.orders)} orders ({sum(1 for o in run.orders if o.cancel)} with a cancellation) over "
-            f"{duration:.0f} s; will SIGKILL {victim.label} at +{kill_at:.2f} s and restart it {downtime:.2f} s later"
+            f"{describe(run.orders, duration)}; will SIGKILL {victim.label} at +{kill_at:.2f} s "
+            f"and restart it {downtime:.2f} s later"
         )
         sending = asyncio.create_task(send_scheduled(choreo_settings, sends))
         await asyncio.sleep(kill_at)
@@ -82,10 +83,7 @@ async def test_two_instances_each_one_killed_for_good(choreo_settings: ChoreoSet
         name = pick_service(rng)
         victim, survivor = rng.sample(stack.instances(name), 2)
         kill_at = rng.uniform(0.2, 0.8) * duration
-        timeline.note(
-            f"{len(run.orders)} orders ({sum(1 for o in run.orders if o.cancel)} with a cancellation) over "
-            f"{duration:.0f} s; will SIGKILL {victim.label} for good at +{kill_at:.2f} s"
-        )
+        timeline.note(f"{describe(run.orders, duration)}; will SIGKILL {victim.label} for good at +{kill_at:.2f} s")
         sending = asyncio.create_task(send_scheduled(choreo_settings, sends))
         await asyncio.sleep(kill_at)
         await crash(victim, timeline)

@@ -24,6 +24,7 @@ from tests.support import eventually
 from tests.workload import (
     SERVICES,
     assignments,
+    describe,
     freeze,
     owned_by,
     plan_orders,
@@ -60,10 +61,7 @@ async def test_a_payment_instance_frozen_past_its_session_is_fenced_or_rejoins(
         sends = schedule(rng, run.orders, STREAM_S)
         zombie, survivor = rng.sample(stack.instances("payment"), 2)
         stop_at = rng.uniform(0.1, 0.25) * STREAM_S
-        timeline.note(
-            f"{len(run.orders)} orders ({sum(1 for o in run.orders if o.cancel)} with a cancellation) over "
-            f"{STREAM_S:.0f} s; will SIGSTOP {zombie.label} at +{stop_at:.2f} s"
-        )
+        timeline.note(f"{describe(run.orders, STREAM_S)}; will SIGSTOP {zombie.label} at +{stop_at:.2f} s")
         sending = asyncio.create_task(send_scheduled(choreo_settings, sends))
         await asyncio.sleep(stop_at)
 
