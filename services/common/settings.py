@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import ssl
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from aiokafka.helpers import create_ssl_context
@@ -56,6 +57,23 @@ class ChoreoSettings(BaseSettings):
         default=timedelta(0),
         description="Least time between two transactions of an instance: 0 commits after every poll (lowest "
         "latency); more lets one transaction carry more records (higher throughput, each hop up to this much later).",
+    )
+
+    order_retention: Duration = Field(
+        default=timedelta(days=7),
+        description="How long a finished order is remembered (as a small marker) before its state is deleted; "
+        "an order id stays unique for this long. Saga topics keep their records at least this long.",
+    )
+    audit_retention: Duration = Field(
+        default=timedelta(days=30),
+        description="How long the audit topic keeps each order's timeline.",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="Folder of the services' on-disk state stores (one per task); default `<run dir>/state`.",
+    )
+    state_store: Literal["disk", "memory"] = Field(
+        default="disk", description="`disk` (RocksDB, memory capped) or `memory` (a dict; for unit tests)."
     )
 
     security_protocol: SecurityProtocol = "PLAINTEXT"
