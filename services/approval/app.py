@@ -13,7 +13,7 @@ from services.approval.domain import DEADLINES_KEY, ApprovalPolicy, ApprovalStat
 from services.approval.handlers import handlers, on_tick
 from services.approval.settings import ApprovalSettings
 from services.common.processor import Incoming, TaskContext
-from services.common.saga import apply_once, decode, order_key
+from services.common.saga import apply_once, decode, order_key, save_order
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class ApprovalApp:
         envelope = decode(task, message)
         if envelope is None or type(envelope.data) not in self._handlers:
             return
-        apply_once(task, envelope, source=Source.APPROVAL, model=ApprovalState, handlers=self._handlers)
+        apply_once(task, message, envelope, source=Source.APPROVAL, model=ApprovalState, handlers=self._handlers)
         state = task.store.get(order_key(envelope.order_id), ApprovalState)
         if state is not None:
             _save_index(task, _index(task).track(state))
@@ -47,7 +47,7 @@ class ApprovalApp:
                 continue
             reaction = on_tick(state, now)
             if reaction.state != state:
-                task.store.put(key, reaction.state)
+                save_order(task, reaction.state)
             for event in reaction.events:
                 cause = uuid.UUID(state.requested_event_id) if state.requested_event_id else None
                 task.emit(Envelope.new(event, order_id=order_id, source=Source.APPROVAL, cause=cause, occurred_at=now))

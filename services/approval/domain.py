@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from typing import Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -57,6 +58,19 @@ class ApprovalState(OrderState):
     comment: str | None = None
     decision_event_id: str | None = None
     closed_at: AwareDatetime | None = None
+
+    def finished(self) -> bool:
+        return self.status in CLOSED or (self.cancelled and self.status is ApprovalStatus.AWAITING_PAYMENT)
+
+    def pending(self) -> bool:
+        # A reviewer's decision or the deadline is still to come.
+        return self.status is ApprovalStatus.PENDING
+
+    def marker(self) -> Self:
+        if self.requested_event_id is not None:
+            # A reviewed approval stays whole in the reviewers' history until the horizon.
+            return super().marker()
+        return super().marker().model_copy(update={"order": None})
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from services.audit.domain import HELD_INDEX_KEY, AuditOrderState, HeldIndex, Ou
 from services.audit.handlers import on_event, on_tick
 from services.audit.settings import AuditSettings
 from services.common.processor import Incoming, TaskContext
-from services.common.saga import decode, order_key
+from services.common.saga import decode, forgotten, order_key
 from services.common.settings import ChoreoSettings
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,10 @@ class AuditApp:
             return
         now = self.clock()
         self._active_since.setdefault(task.partition, now)
-        key = order_key(envelope.order_id)
-        state = task.store.get(key, AuditOrderState) or AuditOrderState(order_id=envelope.order_id)
+        known = task.store.get(order_key(envelope.order_id), AuditOrderState)
+        if known is None and forgotten(task, message, envelope):
+            return
+        state = known or AuditOrderState(order_id=envelope.order_id)
         outcome = on_event(state, arrival(envelope, message.value, now), message.topic.name)
         if outcome.duplicate:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})
@@ -78,7 +80,10 @@ class AuditApp:
         for event in outcome.written:
             # The record's own bytes, not a re-serialization: the audit shows exactly what was published.
             task.send(AUDIT, state.order_id, event.raw.encode())
-        task.store.put(order_key(state.order_id), state)
+        # An order holding events waits for their causes; any other is forgotten one horizon after its
+        # latest event (it is already as small as a marker: the ids written, no events).
+        expires_at = None if state.held else task.stream_time_ms + task.retention_ms
+        task.store.put(order_key(state.order_id), state, expires_at=expires_at)
         if before.held or state.held:
             index = task.store.get(HELD_INDEX_KEY, HeldIndex) or HeldIndex()
             updated = index.updated(state)

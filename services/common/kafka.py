@@ -6,6 +6,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import for_code
 
 from services.common.settings import ChoreoSettings
 
@@ -32,3 +34,18 @@ def consumer(settings: ChoreoSettings, *topics: str, **overrides: Any) -> AIOKaf
             **overrides,
         },
     )
+
+
+async def topic_config(admin: AIOKafkaAdminClient, topic: str, key: str) -> str | None:
+    """One configuration value of `topic` as the broker reports it (None if the broker has no such key)."""
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    for response in responses:
+        for resource in response.resources:
+            code, message, _type, name, entries = resource[:5]
+            if code != 0:
+                raise for_code(code)(f"describing configuration of {name}: {message}")
+            for entry in entries:
+                if entry[0] == key:
+                    value: str = entry[1]
+                    return value
+    return None

@@ -27,12 +27,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, ProducerFenced
-from pydantic import BaseModel
 
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
@@ -40,11 +40,20 @@ from schemas.topics import DEAD_LETTER, Topic, topic_of
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import producer as make_producer
+from services.common.kafka import topic_config
 from services.common.settings import ChoreoSettings
+from services.common.stack import run_dir
+from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
+from services.common.state.stores import StoreFactory, restore_start, store_factory
 
 log = logging.getLogger(__name__)
 
-Model = TypeVar("Model", bound=BaseModel)
+EXPIRES_AT_HEADER = "choreo-expires-at"
+"""On a changelog record: when its key expires (epoch ms); the store's expiry index is rebuilt from it."""
+# Expired keys deleted per task and tick: a backlog drains over a few ticks instead of one huge transaction.
+EXPIRY_SWEEP_LIMIT = 1000
+# Kafka's default delete.retention.ms, used when the changelog's own setting cannot be read.
+DEFAULT_DELETE_RETENTION_MS = 86_400_000
 
 FETCH_MAX_WAIT_MS = 100
 # The broker answers CONCURRENT_TRANSACTIONS while it still writes the previous commit's markers;
@@ -81,6 +90,7 @@ class Outgoing:
     key: bytes | None
     value: bytes | None
     partition: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class StreamApp(Protocol):
@@ -96,69 +106,6 @@ class StreamApp(Protocol):
         """Called periodically per task, inside a transaction: time-driven work such as deadlines."""
 
 
-class KeyedStore:
-    """A task's state: JSON documents by key, mirrored to its changelog partition on commit."""
-
-    def __init__(self) -> None:
-        self._raw: dict[str, bytes] = {}
-        self._decoded: dict[str, BaseModel] = {}
-        self._dirty: dict[str, bytes | None] = {}
-        self._before: dict[str, bytes | None] = {}
-
-    def restore(self, key: str, value: bytes | None) -> None:
-        self._decoded.pop(key, None)
-        if value is None:
-            self._raw.pop(key, None)
-        else:
-            self._raw[key] = value
-
-    def get(self, key: str, model: type[Model]) -> Model | None:
-        cached = self._decoded.get(key)
-        if isinstance(cached, model):
-            return cached
-        raw = self._raw.get(key)
-        if raw is None:
-            return None
-        value = model.model_validate_json(raw)
-        self._decoded[key] = value
-        return value
-
-    def put(self, key: str, value: BaseModel) -> None:
-        raw = value.model_dump_json().encode()
-        self._remember(key)
-        self._raw[key] = raw
-        self._decoded[key] = value
-        self._dirty[key] = raw
-
-    def delete(self, key: str) -> None:
-        self._remember(key)
-        self._raw.pop(key, None)
-        self._decoded.pop(key, None)
-        self._dirty[key] = None
-
-    def keys(self) -> list[str]:
-        return list(self._raw)
-
-    def __len__(self) -> int:
-        return len(self._raw)
-
-    def pending_changes(self) -> dict[str, bytes | None]:
-        return dict(self._dirty)
-
-    def commit(self) -> None:
-        self._dirty, self._before = {}, {}
-
-    def rollback(self) -> None:
-        """Forget the changes not yet committed."""
-        for key, value in self._before.items():
-            self.restore(key, value)
-        self._dirty, self._before = {}, {}
-
-    def _remember(self, key: str) -> None:
-        if key not in self._before:
-            self._before[key] = self._raw.get(key)
-
-
 @dataclass
 class TaskContext:
     """What a handler may touch while processing one task's batch."""
@@ -168,6 +115,12 @@ class TaskContext:
     service: str
     store: KeyedStore
     outbox: list[Outgoing] = field(default_factory=list)
+    stream_time_ms: int = 0
+    """The latest record timestamp this task has processed (or the clock, in a tick): what expiry follows."""
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.settings.order_retention.total_seconds() * 1000)
 
     def emit(self, envelope: Envelope) -> None:
         """Publish a contract event on the saga topic the registry assigns to its type."""
@@ -196,6 +149,25 @@ class TaskContext:
         self.outbox.append(Outgoing(self.settings.topic(DEAD_LETTER), message.key, record.to_bytes()))
 
 
+def _expiry_headers(record: ChangelogRecord) -> list[tuple[str, bytes]]:
+    if record.expires_at_ms is None or record.value is None:
+        return []
+    return [(EXPIRES_AT_HEADER, str(record.expires_at_ms).encode())]
+
+
+def _changelog_record(record: Any) -> ChangelogRecord:
+    expires_at_ms = None
+    for name, value in record.headers or ():
+        if name == EXPIRES_AT_HEADER:
+            expires_at_ms = int(value)
+    return ChangelogRecord(record.key.decode(), record.value, expires_at_ms)
+
+
+def state_root(settings: ChoreoSettings) -> Path:
+    """The folder of this machine's task stores: `CHOREO_STATE_DIR`, or `state/` in the run folder."""
+    return settings.state_dir if settings.state_dir is not None else run_dir() / "state"
+
+
 def _b64(raw: bytes | None) -> str | None:
     return base64.b64encode(raw).decode() if raw is not None else None
 
@@ -206,6 +178,9 @@ class RunnerStats:
     records: int = 0
     transactions: int = 0
     restored_records: int = 0
+    restore_seconds: float = 0.0
+    full_restores: int = 0
+    expired_keys: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -229,12 +204,16 @@ class TransactionalRunner:
         self.group_id = settings.group(app.name)
         self.stats = RunnerStats()
         self._stores: dict[int, KeyedStore] = {}
+        self._stream_time: dict[int, int] = {}
         self._topics_by_name = {settings.topic(topic): topic for topic in app.inputs}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._transactional_id = ""
         # Unique per process start: a restarted or second instance never shares ids with this one.
         self._incarnation = uuid.uuid4().hex[:12]
+        self._store_factory: StoreFactory = store_factory(
+            settings.state_store, state_root(settings) / self.group_id, self._incarnation
+        )
         self._assignments = 0
         self._positions: dict[TopicPartition, int] = {}
         self._commit_interval = settings.commit_interval.total_seconds()
@@ -345,7 +324,10 @@ class TransactionalRunner:
             self._last_tick = time.monotonic()
             now = self.clock()
             for partition in list(self._stores):
-                self.app.tick(self._context(self._pending, partition), now)
+                context = self._context(self._pending, partition)
+                context.stream_time_ms = max(context.stream_time_ms, int(now.timestamp() * 1000))
+                self._expire(context)
+                self.app.tick(context, now)
         self.stats.batches += len(by_task)
         due = time.monotonic() - self._pending_since >= self._commit_interval
         if due or self._pending_records >= self.max_batch:
@@ -362,9 +344,21 @@ class TransactionalRunner:
     def _context(self, contexts: dict[int, TaskContext], partition: int) -> TaskContext:
         context = contexts.get(partition)
         if context is None:
-            context = TaskContext(partition, self.settings, self.app.name, self._stores[partition])
+            context = TaskContext(
+                partition,
+                self.settings,
+                self.app.name,
+                self._stores[partition],
+                stream_time_ms=self._stream_time.get(partition, 0),
+            )
             contexts[partition] = context
         return context
+
+    def _expire(self, context: TaskContext) -> None:
+        """Delete what has expired by the task's stream time (a tombstone on the changelog each)."""
+        for key in context.store.due(context.stream_time_ms, EXPIRY_SWEEP_LIMIT):
+            context.store.delete(key)
+            self.stats.expired_keys += 1
 
     def _handle_records(self, context: TaskContext, records: dict[TopicPartition, list[Any]]) -> None:
         # One task reads several topics; merging them by record timestamp (each partition stays in
@@ -377,6 +371,7 @@ class TransactionalRunner:
             message = Incoming(
                 self._topics_by_name[tp.topic], tp.partition, row.offset, row.key, row.value, row.timestamp
             )
+            context.stream_time_ms = max(context.stream_time_ms, row.timestamp)
             try:
                 self.app.process(context, message)
             except Exception as error:  # a handler bug must not block the partition: keep the message
@@ -387,23 +382,33 @@ class TransactionalRunner:
         """One transaction for everything this instance did since the last one, or nothing of it."""
         producer = self._producer
         assert producer is not None
-        changes = {partition: self._stores[partition].pending_changes() for partition in contexts}
+        changes = {partition: self._stores[partition].pending_records() for partition in contexts}
         if not offsets and not any(changes.values()) and not any(context.outbox for context in contexts.values()):
             return
         positions = {**self._positions, **offsets}
         changelog = self.settings.topic(self.app.changelog)
+        changelog_writes: dict[int, list[asyncio.Future[Any]]] = {}
         try:
             async with producer.transaction():
                 deliveries = []
                 for partition, context in contexts.items():
                     deliveries += [
-                        await producer.send(out.topic, out.value, key=out.key, partition=out.partition)
+                        await producer.send(
+                            out.topic, out.value, key=out.key, partition=out.partition, headers=list(out.headers)
+                        )
                         for out in context.outbox
                     ]
-                    deliveries += [
-                        await producer.send(changelog, value, key=key.encode(), partition=partition)
-                        for key, value in changes[partition].items()
+                    changelog_writes[partition] = [
+                        await producer.send(
+                            changelog,
+                            record.value,
+                            key=record.key.encode(),
+                            partition=partition,
+                            headers=_expiry_headers(record),
+                        )
+                        for record in changes[partition]
                     ]
+                    deliveries += changelog_writes[partition]
                 # Every owned position goes with every commit, tagged with this producer's id: whoever
                 # takes a partition over reads from the tag which producer it must fence.
                 if positions:
@@ -428,8 +433,15 @@ class TransactionalRunner:
             self._rewind()
             return
         self._positions = positions
-        for store in self._stores.values():
-            store.commit()
+        # Only now, with the transaction committed, do its changes reach the stores, each batch with
+        # the changelog position it brings the store to.
+        now_ms = int(self.clock().timestamp() * 1000)
+        for partition, store in self._stores.items():
+            written = changelog_writes.get(partition)
+            checkpoint = Checkpoint(written[-1].result().offset + 1, now_ms) if written else None
+            store.commit(checkpoint)
+        for partition, context in contexts.items():
+            self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
 
     def _rollback(self) -> None:
@@ -524,38 +536,87 @@ class TransactionalRunner:
         await self._producer.start()
 
     async def _restore(self, partitions: Sequence[int]) -> dict[int, KeyedStore]:
+        """Each task's store, brought up to the changelog's end: from its checkpoint when the local
+        store has a usable one, else in full into an emptied store."""
         changelog = self.settings.topic(self.app.changelog)
-        stores = {partition: KeyedStore() for partition in partitions}
-        tps = [TopicPartition(changelog, partition) for partition in partitions]
+        started = time.monotonic()
+        stores = {partition: self._store_factory.open(partition) for partition in partitions}
+        tps = {partition: TopicPartition(changelog, partition) for partition in partitions}
         if not tps:
             return stores
         reader = make_consumer(self.settings, group_id=None, enable_auto_commit=False)
         await reader.start()
         count = 0
         try:
-            reader.assign(tps)
-            ends = await reader.end_offsets(tps)
-            await reader.seek_to_beginning(*tps)
-            pending = {tp for tp in tps if ends[tp] > 0}
+            reader.assign(list(tps.values()))
+            ends = await reader.end_offsets(list(tps.values()))
+            beginnings = await reader.beginning_offsets(list(tps.values()))
+            delete_retention_ms = await self._delete_retention_ms(changelog)
+            now_ms = int(self.clock().timestamp() * 1000)
+            for partition, tp in tps.items():
+                start, why = restore_start(
+                    stores[partition].backend.checkpoint(),
+                    beginning=beginnings[tp],
+                    end=ends[tp],
+                    now_ms=now_ms,
+                    delete_retention_ms=delete_retention_ms,
+                )
+                if start is None:
+                    stores[partition] = self._store_factory.reset(partition, stores[partition])
+                    self.stats.full_restores += 1
+                    log.info(
+                        "restoring task state in full",
+                        extra={"service": self.app.name, "partition": partition, "why": why},
+                    )
+                    reader.seek(tp, beginnings[tp])
+                else:
+                    reader.seek(tp, start)
+            pending = {tp for tp in tps.values() if await reader.position(tp) < ends[tp]}
             while pending:
                 batch = await reader.getmany(*pending, timeout_ms=500)
                 for tp, records in batch.items():
-                    for record in records:
-                        stores[tp.partition].restore(record.key.decode(), record.value)
+                    if records:
+                        stores[tp.partition].restore_batch(
+                            (_changelog_record(record) for record in records),
+                            Checkpoint(records[-1].offset + 1, now_ms),
+                        )
                     count += len(records)
                 pending = {tp for tp in pending if await reader.position(tp) < ends[tp]}
+        except BaseException:
+            for partition, store in stores.items():
+                self._store_factory.close(partition, store)
+            raise
         finally:
             await reader.stop()
-        self.stats.restored_records += count
+        elapsed = time.monotonic() - started
+        self.stats.restored_records = count
+        self.stats.restore_seconds = elapsed
         log.info(
             "restored task state",
-            extra={"service": self.app.name, "partitions": list(partitions), "records": count},
+            extra={
+                "service": self.app.name,
+                "partitions": list(partitions),
+                "records": count,
+                "seconds": round(elapsed, 3),
+            },
         )
         return stores
 
+    async def _delete_retention_ms(self, changelog: str) -> int:
+        """The changelog's delete.retention.ms as the broker has it: how old a checkpoint may be."""
+        admin = make_admin(self.settings)
+        await admin.start()
+        try:
+            found = await topic_config(admin, changelog, "delete.retention.ms")
+        finally:
+            await admin.close()
+        return int(found) if found is not None else DEFAULT_DELETE_RETENTION_MS
+
     async def _release_assignment(self) -> None:
         self._pending, self._pending_offsets, self._pending_records = {}, {}, 0
-        self._stores = {}
+        stores, self._stores = self._stores, {}
+        for partition, store in stores.items():
+            self._store_factory.close(partition, store)
         self._positions = {}
         producer, self._producer = self._producer, None
         if producer is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Self, TypeVar
 
 from aiokafka.partitioner import murmur2
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,12 +22,33 @@ from services.common.processor import Incoming, TaskContext
 
 
 class OrderState(BaseModel):
-    """Base of a service's per-order state; `handled` maps each handled event id to what it emitted."""
+    """Base of a service's per-order state; `handled` maps each handled event id to what it emitted.
+
+    Each service says when its part of an order is over (`finished`) and what it must still know
+    then (`marker`), and which states have work of their own still to do (`pending`). A state
+    without pending work is forgotten once the retention horizon has passed since its last change.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     order_id: str
     handled: dict[str, list[str]] = {}
+
+    def finished(self) -> bool:
+        """Nothing this service does for the order is left: only late input can still arrive."""
+        return False
+
+    def pending(self) -> bool:
+        """This service still has work of its own for the order (stock or money held, a timer, a retry)."""
+        return False
+
+    def marker(self) -> Self:
+        """What a finished order keeps until the horizon: enough to answer duplicates and late input.
+
+        `handled` stays whole, so a duplicate still re-emits exactly what it emitted the first time;
+        services drop the rest of what only live work needed.
+        """
+        return self
 
 
 State = TypeVar("State", bound=OrderState)
@@ -147,20 +168,52 @@ def order_key(order_id: str) -> str:
     return f"order:{order_id}"
 
 
+def save_order(task: TaskContext, state: OrderState) -> None:
+    """Store an order's state: a finished one as its marker, and, unless work is pending, with an
+    expiry one retention horizon after the latest record the task has seen."""
+    if state.finished():
+        state = state.marker()
+    expires_at = None if state.pending() else task.stream_time_ms + task.retention_ms
+    task.store.put(order_key(state.order_id), state, expires_at=expires_at)
+
+
+def forgotten(task: TaskContext, message: Incoming, envelope: Envelope) -> bool:
+    """Dead-letter an event for an order this task does not know that happened before the horizon:
+    the order ended and was forgotten, and acting on the event would start it again."""
+    horizon_ms = task.stream_time_ms - task.retention_ms
+    if envelope.occurred_at.timestamp() * 1000 >= horizon_ms:
+        return False
+    task.dead_letter(
+        message,
+        f"expired: {envelope.type} for order {envelope.order_id!r} occurred at {envelope.occurred_at.isoformat()}, "
+        f"before the retention horizon ({task.settings.order_retention}), and the order is no longer remembered; "
+        "an order id is unique only within that horizon",
+    )
+    return True
+
+
 def apply_once(
     task: TaskContext,
+    message: Incoming,
     envelope: Envelope,
     *,
     source: Source,
     model: type[State],
     handlers: Mapping[type[Event], Handler[State]],
+    starts: frozenset[type[Event]] | None = None,
 ) -> None:
-    """Run the handler for `envelope` against its order's state, unless it was handled before."""
+    """Run the handler for `envelope` against its order's state, unless it was handled before.
+
+    An event for an order the task does not know is dead-lettered when it predates the horizon, or
+    when it is not one of `starts`, the events that may begin an order here (default: any).
+    """
     handler = handlers.get(type(envelope.data))
     if handler is None:
         return
-    key = order_key(envelope.order_id)
-    state = task.store.get(key, model) or model(order_id=envelope.order_id)
+    known = task.store.get(order_key(envelope.order_id), model)
+    if known is None and (forgotten(task, message, envelope) or unknown(task, message, envelope, starts)):
+        return
+    state = known or model(order_id=envelope.order_id)
     recorded = state.handled.get(str(envelope.event_id))
     if recorded is not None:
         for raw in recorded:
@@ -169,8 +222,19 @@ def apply_once(
     reaction = handler(state, envelope)
     emitted = [envelope.caused(event, source) for event in reaction.events]
     handled = {**reaction.state.handled, str(envelope.event_id): [e.model_dump_json() for e in emitted]}
-    task.store.put(key, reaction.state.model_copy(update={"handled": handled}))
+    save_order(task, reaction.state.model_copy(update={"handled": handled}))
     _publish(task, emitted, reaction.requests)
+
+
+def unknown(task: TaskContext, message: Incoming, envelope: Envelope, starts: frozenset[type[Event]] | None) -> bool:
+    if starts is None or type(envelope.data) in starts:
+        return False
+    task.dead_letter(
+        message,
+        f"unknown order: {envelope.type} for order {envelope.order_id!r}, which was never placed or ended more "
+        f"than the retention horizon ({task.settings.order_retention}) ago",
+    )
+    return True
 
 
 def apply_settled(
@@ -194,7 +258,7 @@ def apply_settled(
         recorded = [*state.handled.get(cause_id, []), *(e.model_dump_json() for e in emitted)]
         state = state.model_copy(update={"handled": {**state.handled, cause_id: recorded}})
     if state != before:
-        task.store.put(order_key(state.order_id), state)
+        save_order(task, state)
     _publish(task, emitted, reaction.requests)
     return emitted
 

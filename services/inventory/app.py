@@ -19,8 +19,9 @@ from schemas.topics import (
     STOCK_REQUESTS,
     Topic,
 )
-from services.common.processor import Incoming, KeyedStore, TaskContext
+from services.common.processor import Incoming, TaskContext
 from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key, read_again
+from services.common.state import KeyedStore
 from services.inventory.domain import InventoryOrder, SkuStock, StockReply, StockRequest, load_catalog, sku_key
 from services.inventory.handlers import SAGA_HANDLERS, stock_replied, stock_requested
 from services.inventory.settings import InventorySettings
@@ -48,7 +49,9 @@ class InventoryApp:
         else:
             envelope = decode(task, message)
             if envelope is not None:
-                apply_once(task, envelope, source=Source.INVENTORY, model=InventoryOrder, handlers=SAGA_HANDLERS)
+                apply_once(
+                    task, message, envelope, source=Source.INVENTORY, model=InventoryOrder, handlers=SAGA_HANDLERS
+                )
 
     def tick(self, task: TaskContext, now: datetime) -> None:
         """Inventory has no deadlines."""

@@ -214,6 +214,9 @@ class OrderStatus(StrEnum):
     """Cancelled before any reservation was announced (before OrderPlaced, or while holds were in flight). Closed."""
 
 
+_CLOSED = frozenset({OrderStatus.REJECTED, OrderStatus.RELEASED, OrderStatus.SHIPPED, OrderStatus.CANCELLED})
+
+
 class Cancellation(BaseModel):
     """A cancellation that arrived while holds were in flight: cancelled at once, holds given back later."""
 
@@ -231,6 +234,17 @@ class InventoryOrder(OrderState):
     held: dict[str, int] = Field(default_factory=dict, description="What the SKUs held (kept after release or ship).")
     shortages: list[Shortage] = Field(default_factory=list)
     cancellation: Cancellation | None = None
+
+    def finished(self) -> bool:
+        return self.status in _CLOSED and not self.awaiting
+
+    def pending(self) -> bool:
+        # Holds in flight or stock reserved: forgetting the order would strand that stock.
+        return self.status in (OrderStatus.RESERVING, OrderStatus.RESERVED) or bool(self.awaiting)
+
+    def marker(self) -> Self:
+        # `held` stays: a late duplicate reply is told from a stranded hold by it.
+        return super().marker().model_copy(update={"order": None, "shortages": [], "cancellation": None})
 
     def stock_lines(self) -> list[StockLine]:
         return [StockLine(sku=sku, quantity=quantity) for sku, quantity in sorted(self.held.items())]

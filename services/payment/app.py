@@ -19,7 +19,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from schemas.envelope import EVENT_ID_NAMESPACE, Envelope, Source
-from schemas.events import PaymentRefundFailed
+from schemas.events import OrderCompleted, PaymentRefundFailed
 from schemas.topics import (
     APPROVAL_EVENTS,
     INVENTORY_EVENTS,
@@ -29,8 +29,17 @@ from schemas.topics import (
     SHIPPING_EVENTS,
     Topic,
 )
-from services.common.processor import Incoming, KeyedStore, TaskContext
-from services.common.saga import apply_once, apply_settled, decode, decode_internal, order_key, read_again
+from services.common.processor import Incoming, TaskContext
+from services.common.saga import (
+    apply_once,
+    apply_settled,
+    decode,
+    decode_internal,
+    order_key,
+    read_again,
+    save_order,
+)
+from services.common.state import KeyedStore
 from services.payment.domain import (
     CreditLimits,
     CustomerLedger,
@@ -104,7 +113,12 @@ class PaymentApp:
             handlers = order_handlers(self._attempt(self.clock()))
             if type(envelope.data) not in handlers:
                 return
-            apply_once(task, envelope, source=Source.PAYMENT, model=PaymentOrder, handlers=handlers)
+            if (
+                isinstance(envelope.data, OrderCompleted)
+                and task.store.get(order_key(envelope.order_id), PaymentOrder) is None
+            ):
+                return  # completion only finishes a charge payment made; there is nothing to finish here
+            apply_once(task, message, envelope, source=Source.PAYMENT, model=PaymentOrder, handlers=handlers)
             state = task.store.get(order_key(envelope.order_id), PaymentOrder)
             if state is None:
                 return
@@ -155,7 +169,7 @@ class PaymentApp:
         if outcome:
             recorded = [*before.handled.get(retry.trigger_id, []), *outcome]
             state = state.model_copy(update={"handled": {**state.handled, retry.trigger_id: recorded}})
-        task.store.put(order_key(state.order_id), state)
+        save_order(task, state)
         for envelope in emitted:
             task.emit(envelope)
         if state.phase is Phase.REFUND_PENDING:
@@ -175,7 +189,8 @@ class PaymentApp:
             customer_id=request.customer_id, credit_limit=self.limits.of(request.customer_id)
         )
         ledger, reply = on_ledger_request(before, request)
-        if ledger is not before:
+        ledger = ledger.aged(before, task.stream_time_ms, task.stream_time_ms - task.retention_ms)
+        if ledger != before:
             task.store.put(key, ledger)
         if reply is not None:
             task.send(LEDGER_REPLIES, reply.order_id, reply.model_dump_json().encode())

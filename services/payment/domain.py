@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -122,6 +122,8 @@ class Settlement(BaseModel):
     outcome: Literal["declined", "released", "refunded"]
     amount: Decimal
     reason: str | None = None
+    at_ms: int = 0
+    """When it was settled (the task's stream time): settlements are kept for one retention horizon."""
 
 
 class CustomerLedger(BaseModel):
@@ -163,6 +165,18 @@ class CustomerLedger(BaseModel):
             }
         )
         return ledger, self._reply(order_id, amount, held=True)
+
+    def aged(self, before: CustomerLedger, now_ms: int, horizon_ms: int) -> CustomerLedger:
+        """Settlements made since `before` stamped `now_ms`; those settled before `horizon_ms` forgotten,
+        so a customer's ledger follows its orders in flight, not every order it ever placed."""
+        settled = {
+            order_id: settlement if order_id in before.settled else settlement.model_copy(update={"at_ms": now_ms})
+            for order_id, settlement in self.settled.items()
+        }
+        kept = {order_id: settlement for order_id, settlement in settled.items() if settlement.at_ms >= horizon_ms}
+        if kept == self.settled:
+            return self
+        return self.model_copy(update={"settled": kept})
 
     def release(self, order_id: str) -> CustomerLedger:
         """Undo an authorization that was never charged; releasing an unknown hold changes nothing."""
@@ -223,6 +237,24 @@ class PaymentOrder(OrderState):
     hold_pending: bool = False
     closed_reason: str | None = None
     refund_retry: RefundRetry | None = None
+    completed: bool = False
+    """OrderCompleted was seen: the charge stands for good."""
+
+    def finished(self) -> bool:
+        if self.hold_pending:
+            return False
+        return self.phase in _CLOSED or (self.phase is Phase.CHARGED and self.completed)
+
+    def pending(self) -> bool:
+        # Money held or charged and still refundable, or a refund to retry: never forgotten.
+        return self.hold_pending or (self.phase in _OPEN_MONEY and not self.finished())
+
+    def marker(self) -> Self:
+        return super().marker().model_copy(update={"order": None})
+
+
+_CLOSED = frozenset({Phase.DECLINED, Phase.REFUNDED, Phase.VOIDED})
+_OPEN_MONEY = frozenset({Phase.HOLDING, Phase.CHARGED, Phase.REFUND_PENDING})
 
 
 class RefundRetryIndex(BaseModel):

@@ -14,6 +14,7 @@ from schemas.events import (
     ApprovalTimedOut,
     Event,
     InventoryReserved,
+    OrderCompleted,
     OrderDetails,
     PaymentCharged,
     PaymentDeclined,
@@ -139,6 +140,14 @@ def on_shipment_cancelled(attempt: RefundAttempt, state: PaymentOrder, envelope:
     return compensate(state, reason, envelope, attempt)
 
 
+def on_order_completed(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
+    """The charge stands for good: nothing can ask for it back, so the order is finished here."""
+    payload(envelope, OrderCompleted)
+    if state.phase is not Phase.CHARGED:
+        return Reaction(state)
+    return Reaction(state.model_copy(update={"completed": True}))
+
+
 def order_handlers(attempt: RefundAttempt) -> Mapping[type[Event], Handler[PaymentOrder]]:
     """The saga events the order stage reacts to; a compensation makes its first refund attempt with `attempt`."""
     return {
@@ -147,6 +156,7 @@ def order_handlers(attempt: RefundAttempt) -> Mapping[type[Event], Handler[Payme
         ApprovalTimedOut: partial(on_approval_timed_out, attempt),
         ShippingFailed: partial(on_shipping_failed, attempt),
         ShipmentCancelled: partial(on_shipment_cancelled, attempt),
+        OrderCompleted: on_order_completed,
     }
 
 

@@ -37,6 +37,9 @@ class ShippingOrderState(OrderState):
     reason: str | None = None
     """Why the order failed or was cancelled."""
 
+    def finished(self) -> bool:
+        return self.status is not ShippingStatus.OPEN
+
 
 @dataclass(frozen=True)
 class ShippingPolicy:

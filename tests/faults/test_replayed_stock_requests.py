@@ -12,7 +12,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 from schemas.topics import LEDGER_REQUESTS, STOCK_REQUESTS
-from services.common.processor import Incoming, KeyedStore, TaskContext
+from services.common.processor import Incoming, TaskContext
+from services.common.state import KeyedStore
 from services.inventory.app import InventoryApp
 from services.inventory.domain import SkuStock, StockOperation, StockRequest, sku_key
 from services.inventory.settings import InventorySettings

@@ -1,0 +1,132 @@
+"""The disk backend: one RocksDB (through rocksdict) per task, its memory capped.
+
+Writes skip RocksDB's write-ahead log: the changelog is the backup, and a batch carries its own
+checkpoint, so a crash loses at most the latest batches and the restart replays them from the
+changelog (as Kafka Streams does). Every store in a process shares one block cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from functools import cache
+from pathlib import Path
+
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
+
+from services.common.state.backend import CHECKPOINT_KEY, Checkpoint
+
+log = logging.getLogger(__name__)
+
+BLOCK_CACHE_BYTES = 16 * 1024 * 1024
+WRITE_BUFFER_BYTES = 2 * 1024 * 1024
+LOCK_FILE = "choreo.lock"
+
+
+@cache
+def _shared_block_cache() -> Cache:
+    return Cache(BLOCK_CACHE_BYTES)
+
+
+def _options() -> Options:
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    table = BlockBasedOptions()
+    table.set_block_cache(_shared_block_cache())
+    options.set_block_based_table_factory(table)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(2)
+    options.set_max_open_files(64)
+    return options
+
+
+class StoreLockedError(RuntimeError):
+    """Another live process holds this task's store folder."""
+
+
+class RocksBackend:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        # Our own lock, taken before RocksDB's: it tells a folder in use by another process (a
+        # second instance on this machine, or a stalled one) from a store that cannot be opened.
+        self._lock = open(path / LOCK_FILE, "a+b")  # noqa: SIM115 (held for the store's lifetime)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            self._lock.close()
+            raise StoreLockedError(f"{path} is in use by another process") from error
+        try:
+            self._db = Rdict(str(path / "db"), _options())
+        except Exception:
+            self._release_lock()
+            raise
+        self._write_options = WriteOptions()
+        self._write_options.disable_wal(True)
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._db.get(key)
+        return value
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        iterator = self._db.iter()
+        iterator.seek(start)
+        while iterator.valid():
+            key: bytes = iterator.key()
+            if key >= stop:
+                break
+            yield key, iterator.value()
+            iterator.next()
+
+    def write(self, changes: Mapping[bytes, bytes | None], checkpoint: Checkpoint | None) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in changes.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        if checkpoint is not None:
+            batch.put(CHECKPOINT_KEY, checkpoint.to_bytes())
+        self._db.write(batch, self._write_options)
+
+    def checkpoint(self) -> Checkpoint | None:
+        raw = self._db.get(CHECKPOINT_KEY)
+        return Checkpoint.from_bytes(raw) if raw is not None else None
+
+    def close(self) -> None:
+        try:
+            self._db.flush()
+            self._db.close()
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+
+
+def open_rocks(path: Path, scratch: Path) -> RocksBackend:
+    """The task's store at `path`; a fresh one at `scratch` when another process holds `path`;
+    `path` wiped and created anew when it cannot be opened (the changelog restores it)."""
+    try:
+        return RocksBackend(path)
+    except StoreLockedError:
+        log.warning("task store in use by another process; restoring into a scratch store", extra={"path": str(path)})
+        wipe(scratch)
+        return RocksBackend(scratch)
+    except Exception as error:  # corrupt or unreadable: the changelog has everything
+        log.warning("task store unusable; restoring it in full", extra={"path": str(path), "error": repr(error)})
+        wipe(path)
+        return RocksBackend(path)
+
+
+def wipe(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def is_scratch(backend: RocksBackend, scratch: Path) -> bool:
+    return os.path.samefile(backend.path, scratch) if scratch.exists() else False
