@@ -68,6 +68,15 @@ class ChoreoSettings(BaseSettings):
         default=timedelta(days=30),
         description="How long the audit topic keeps each order's timeline.",
     )
+    deadletter_retention: Duration = Field(
+        default=timedelta(days=30),
+        description="How long the deadletter topic keeps a rejected message for someone to look at.",
+    )
+    changelog_delete_retention: Duration = Field(
+        default=timedelta(days=1),
+        description="How long a state changelog keeps a tombstone (its delete.retention.ms); a state store whose "
+        "checkpoint is older than this may have missed a deletion and is restored in full.",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="Folder of the services' on-disk state stores (one per task); default `<run dir>/state`.",
