@@ -1,4 +1,4 @@
-"""`choreo topics` against the real broker: configuration read back, idempotence, drift refused."""
+"""`choreo topics` against the real broker: configuration read back, idempotence, drift corrected or refused."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tests.support import choreo
 def test_create_makes_every_topic_with_its_configuration(choreo_settings: ChoreoSettings) -> None:
     created = choreo(choreo_settings, "topics", "create")
     assert created.returncode == 0, created.stderr
-    assert created.stdout.count("created") == len(ALL_TOPICS)
+    assert [line.split()[0] for line in created.stdout.splitlines()[:-1]] == ["created"] * len(ALL_TOPICS)
+    assert created.stdout.splitlines()[-1] == f"{len(ALL_TOPICS)} new, 0 updated, 0 already up to date"
 
     described = choreo(choreo_settings, "topics", "describe", "--json")
     assert described.returncode == 0, described.stderr
@@ -38,7 +39,9 @@ async def test_create_is_idempotent(choreo_settings: ChoreoSettings) -> None:
     ]
 
 
-async def test_a_topic_with_the_wrong_cleanup_policy_is_an_error(choreo_settings: ChoreoSettings) -> None:
+async def test_a_topic_with_the_wrong_cleanup_policy_is_corrected_and_reported(
+    choreo_settings: ChoreoSettings,
+) -> None:
     admin = admin_client(choreo_settings)
     await admin.start()
     try:
@@ -47,14 +50,18 @@ async def test_a_topic_with_the_wrong_cleanup_policy_is_an_error(choreo_settings
         )
     finally:
         await admin.close()
+    # A service starting alters nothing and refuses to run on it.
     with pytest.raises(
-        TopicConfigurationError, match=r"monitor\.state has cleanup\.policy=delete, the registry requires"
+        TopicConfigurationError, match=r"monitor\.state has cleanup\.policy=delete, the registry requires compact"
     ):
-        await ensure_topics(choreo_settings)
+        await ensure_topics(choreo_settings, [MONITOR_STATE])
 
     cli = choreo(choreo_settings, "topics", "create")
-    assert cli.returncode == 1
-    assert "cleanup.policy=delete" in cli.stderr
+    assert cli.returncode == 0, cli.stderr
+    assert f"updated  {choreo_settings.topic(MONITOR_STATE)} (6 partitions)" in cli.stdout
+    assert "cleanup.policy: delete -> compact" in cli.stdout
+    (described,) = await describe_topics(choreo_settings, [MONITOR_STATE])
+    assert described.config["cleanup.policy"] == "compact"
 
 
 async def test_a_topic_with_the_wrong_partition_count_is_an_error(choreo_settings: ChoreoSettings) -> None:
@@ -67,3 +74,8 @@ async def test_a_topic_with_the_wrong_partition_count_is_an_error(choreo_setting
     cli = choreo(choreo_settings, "topics", "create")
     assert cli.returncode == 1
     assert "2 partitions, co-partitioning requires 6" in cli.stderr
+    with pytest.raises(TopicConfigurationError, match="cannot be changed in place"):
+        await ensure_topics(choreo_settings)
+    # Refused before anything was altered: the topic keeps the broker's default retention.
+    (orders,) = await describe_topics(choreo_settings, [ORDERS])
+    assert orders.config["retention.ms"] == str(7 * 24 * 3600 * 1000)

@@ -19,7 +19,7 @@ from services.cli.stack_cmd import add_stack_commands
 from services.cli.topics_cmd import add_topics_commands
 from services.common.logs import configure_logging
 from services.common.settings import ChoreoSettings
-from services.common.topics import TopicConfigurationError
+from services.common.topics import RetentionSettingsError, TopicConfigurationError
 
 log = logging.getLogger("choreo")
 
@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args, settings)
     except InvalidCommandError as error:
         sys.stderr.write(f"choreo: invalid input: {error}\n")
+        return EXIT_INVALID_INPUT
+    except RetentionSettingsError as error:
+        sys.stderr.write(f"choreo: invalid settings: {error}\n")
         return EXIT_INVALID_INPUT
     except TopicConfigurationError as error:
         sys.stderr.write(f"choreo: topic configuration does not match the registry: {error}\n")

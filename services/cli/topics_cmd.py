@@ -8,13 +8,15 @@ import json
 import sys
 
 from services.common.settings import ChoreoSettings
-from services.common.topics import TopicDescription, describe_topics, ensure_topics
+from services.common.topics import TopicDescription, describe_topics, ensure_topics, human_ms
 
 
 def add_topics_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("topics", help="provision or inspect the topics")
     actions = parser.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create every topic with its configuration (idempotent)")
+    create = actions.add_parser(
+        "create", help="create every topic, or bring an existing one's configuration up to date (idempotent)"
+    )
     create.set_defaults(handler=_create)
     describe = actions.add_parser("describe", help="partitions and configuration as the broker reports them")
     describe.add_argument("--json", action="store_true", help="one JSON object per topic")
@@ -22,9 +24,20 @@ def add_topics_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
 
 def _create(args: argparse.Namespace, settings: ChoreoSettings) -> int:
-    for topic in asyncio.run(ensure_topics(settings)):
-        state = "created" if topic.created else "ok"
+    topics = asyncio.run(ensure_topics(settings, update=True))
+    for topic in topics:
+        state = "created" if topic.created else "updated" if topic.changes else "ok"
         sys.stdout.write(f"{state:8} {topic.name} ({topic.partitions} partitions)\n")
+        if not topic.created:
+            for change in topic.changes:
+                old = "(unset)" if change.old is None else _readable(change.key, change.old)
+                sys.stdout.write(f"{'':8}   {change.key}: {old} -> {_readable(change.key, change.new)}\n")
+    created = sum(topic.created for topic in topics)
+    updated = sum(bool(topic.changes) and not topic.created for topic in topics)
+    if created or updated:
+        sys.stdout.write(f"{created} new, {updated} updated, {len(topics) - created - updated} already up to date\n")
+    else:
+        sys.stdout.write(f"nothing changed: all {len(topics)} topics already up to date\n")
     return 0
 
 
@@ -34,10 +47,26 @@ def _describe(args: argparse.Namespace, settings: ChoreoSettings) -> int:
         sys.stdout.write("no topics yet: run `choreo topics create`\n")
         return 1
     for topic in topics:
-        sys.stdout.write((json.dumps(topic.__dict__) if args.json else _table_row(topic)) + "\n")
+        sys.stdout.write((json.dumps(_document(topic)) if args.json else _table_row(topic)) + "\n")
     return 0
 
 
+def _document(topic: TopicDescription) -> dict[str, object]:
+    return {
+        "name": topic.name,
+        "partitions": topic.partitions,
+        "replication_factor": topic.replication_factor,
+        "config": topic.config,
+    }
+
+
 def _table_row(topic: TopicDescription) -> str:
-    config = " ".join(f"{key}={value}" for key, value in topic.config.items())
+    config = " ".join(f"{key}={_readable(key, value)}" for key, value in topic.config.items())
     return f"{topic.name:22} partitions={topic.partitions} replicas={topic.replication_factor} {config}"
+
+
+def _readable(key: str, value: str) -> str:
+    """A duration in milliseconds gets its readable form beside it: `691200000 (8d)`."""
+    if key.endswith(".ms") and value.lstrip("-").isdigit():
+        return f"{value} ({human_ms(int(value))})"
+    return value

@@ -77,7 +77,7 @@ def prepare(settings: ChoreoSettings, broker: LocalBroker, *, start_broker: bool
             result.elapsed_s,
         )
         settings = settings.model_copy(update={"bootstrap_servers": result.bootstrap})
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_topics(settings, update=True))
     return settings
 
 
