@@ -67,6 +67,10 @@ def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[
             "partitions": runner.partitions,
             "records": runner.stats.records,
             "batches": runner.stats.batches,
+            "restored_records": runner.stats.restored_records,
+            "restore_seconds": round(runner.stats.restore_seconds, 3),
+            "full_restores": runner.stats.full_restores,
+            "expired_keys": runner.stats.expired_keys,
         }
         return runner.ready, body
 
