@@ -129,7 +129,7 @@ def topic_retention(settings: ChoreoSettings, topic: Topic) -> timedelta:
     return saga_retention(settings)
 
 
-def topic_config(settings: ChoreoSettings, topic: Topic) -> dict[str, str]:
+def wanted_config(settings: ChoreoSettings, topic: Topic) -> dict[str, str]:
     """The configuration `ensure_topics` gives a topic: the registry's policy and the settings' retention."""
     config = dict(topic.config)
     policy = config.get("cleanup.policy", "delete")
@@ -160,13 +160,13 @@ async def ensure_topics(
     brought up to date and each change is returned. Without it (a service starting) nothing existing is
     altered, so a restart never undoes what provisioning or an operator set: a cleanup policy other than the
     registry's is an error, other differences are only logged. `config_overrides` (by registry name) go on
-    top of `topic_config`, for tests that need tiny values. A co-partitioned topic with another partition
+    top of `wanted_config`, for tests that need tiny values. A co-partitioned topic with another partition
     count is refused before anything is altered: adding partitions would move orders' keys to other
     partitions, and none can be removed.
     """
     overrides = config_overrides or {}
     wanted = {
-        settings.topic(topic): {**topic_config(settings, topic), **overrides.get(topic.name, {})} for topic in topics
+        settings.topic(topic): {**wanted_config(settings, topic), **overrides.get(topic.name, {})} for topic in topics
     }
     admin = admin_client(settings)
     await admin.start()
