@@ -65,7 +65,7 @@ class RocksBackend:
             self._release_lock()
             raise
         self._write_options = WriteOptions()
-        self._write_options.disable_wal(True)
+        self._write_options.disable_wal = True
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
