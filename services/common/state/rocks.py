@@ -65,7 +65,8 @@ class RocksBackend:
             self._release_lock()
             raise
         self._write_options = WriteOptions()
-        self._write_options.disable_wal = True
+        # rocksdict's stub declares a method; at run time it is a property.
+        self._write_options.disable_wal = True  # type: ignore[method-assign,assignment]
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
