@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
+from benchmarks.broker_figures import LiveKeys, partitions_of, topic_disk_usage
 from benchmarks.saga_bench import free_port, proc_usage, start_broker
 from schemas.envelope import Envelope, Source
 from schemas.events import (
@@ -230,40 +231,24 @@ class Targets:
 # --- measuring -------------------------------------------------------------------------------------
 
 
-async def _partitions(reader: Any, name: str) -> list[TopicPartition]:
-    if not reader.partitions_for_topic(name):
-        await reader._client.force_metadata_update()  # a fresh client knows no topic yet
-    return [TopicPartition(name, p) for p in sorted(reader.partitions_for_topic(name) or [])]
-
-
 async def topic_size(settings: ChoreoSettings) -> tuple[int, int, int]:
     """Records, bytes (keys + values) and distinct live keys of `monitor.state`, read to its end."""
-    reader = make_consumer(settings, group_id=None)
-    await reader.start()
+    name = settings.topic(MONITOR_STATE)
+    keys = LiveKeys(settings, [name])
+    await keys.start()
     try:
-        name = settings.topic(MONITOR_STATE)
-        tps = await _partitions(reader, name)
-        reader.assign(tps)
-        ends = await reader.end_offsets(tps)
-        await reader.seek_to_beginning(*tps)
-        records = size = 0
-        live: dict[bytes, bool] = {}
-        for tp in tps:
-            while await reader.position(tp) < ends[tp]:
-                for record in (await reader.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    records += 1
-                    size += len(record.key or b"") + len(record.value or b"")
-                    live[record.key or b""] = record.value is not None
-        return records, size, sum(live.values())
+        await keys.catch_up()
+        topic = keys.topics[name]
+        return topic.records, topic.bytes, keys.count(name)
     finally:
-        await reader.stop()
+        await keys.stop()
 
 
 async def count_alerts(settings: ChoreoSettings) -> int:
     reader = make_consumer(settings, group_id=None)
     await reader.start()
     try:
-        tps = await _partitions(reader, settings.topic(MONITOR_ALERTS))
+        tps = await partitions_of(reader, settings.topic(MONITOR_ALERTS))
         begins = await reader.beginning_offsets(tps)
         ends = await reader.end_offsets(tps)
         return sum(ends[tp] - begins[tp] for tp in tps)
@@ -274,10 +259,8 @@ async def count_alerts(settings: ChoreoSettings) -> int:
 def disk_bytes(broker: LocalBroker | None, settings: ChoreoSettings) -> int | None:
     if broker is None:
         return None
-    total = 0
-    for folder in broker.data_dir.glob(f"{settings.topic(MONITOR_STATE)}-*"):
-        total += sum(path.stat().st_size for path in folder.iterdir() if path.suffix == ".log")
-    return total
+    usage = topic_disk_usage(broker.data_dir, settings.topic_prefix).get(MONITOR_STATE.name)
+    return usage.segment_bytes if usage is not None else 0
 
 
 def rss_mb(pid: int) -> float:
