@@ -50,7 +50,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka import TopicPartition
 from aiokafka.structs import RecordMetadata
@@ -73,6 +73,9 @@ from services.common.kafka import consumer as make_consumer
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger("benchmarks.saga_bench")
 
@@ -204,6 +207,9 @@ class Watcher:
         self.ended: dict[str, Ended] = {}
         self.failures: dict[str, float] = {}
         self.records = 0
+        # Called once per order as it ends, so a long run can follow what is in flight without
+        # scanning `ended`.
+        self.on_end: Callable[[str, Ended], None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -236,7 +242,7 @@ class Watcher:
                         if self.raw:
                             order_id = (record.key or b"").decode()
                             if order_id not in self.ended:
-                                self.ended[order_id] = Ended("raw", record.timestamp / 1000)
+                                self._end(order_id, Ended("raw", record.timestamp / 1000))
                         else:
                             self._take(record.value)
         finally:
@@ -257,7 +263,12 @@ class Watcher:
         if kind in FAILURE_TYPES and order_id not in self.failures:
             self.failures[order_id] = _epoch(str(document["occurred_at"]))
         elif kind in TERMINAL_TYPES and order_id not in self.ended:
-            self.ended[order_id] = Ended(str(kind), _epoch(str(document["occurred_at"])), self.failures.get(order_id))
+            self._end(order_id, Ended(str(kind), _epoch(str(document["occurred_at"])), self.failures.get(order_id)))
+
+    def _end(self, order_id: str, ended: Ended) -> None:
+        self.ended[order_id] = ended
+        if self.on_end is not None:
+            self.on_end(order_id, ended)
 
     def done(self, order_ids: Sequence[str]) -> int:
         return sum(1 for order_id in order_ids if order_id in self.ended)
@@ -369,6 +380,13 @@ def tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def write_catalog(run_dir: Path) -> Path:
+    """The inventory's catalog: every SKU the orders use, with stock no run can exhaust."""
+    catalog = run_dir / "catalog.json"
+    catalog.write_text(json.dumps(dict.fromkeys(BENCH_SKUS, STOCK_PER_SKU)))
+    return catalog
 
 
 def service_env(settings: ChoreoSettings, catalog: Path) -> dict[str, str]:
@@ -712,6 +730,13 @@ class UnderTest:
     mix: dict[str, int]
 
 
+def half_rate(figures: PathFigures) -> float:
+    """Half of the highest flat rate; without one, half of what the first step achieved."""
+    if figures.max_flat_per_s is not None:
+        return figures.max_flat_per_s / 2
+    return max(1.0, (figures.steps[0].achieved_per_s if figures.steps else 2.0) / 2)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, report: Report) -> None:
         self.args = args
@@ -821,10 +846,7 @@ class Bench:
 
     async def latency(self, path: UnderTest) -> None:
         figures = path.figures
-        if figures.max_flat_per_s is not None:
-            rate = figures.max_flat_per_s / 2
-        else:
-            rate = max(1.0, (figures.steps[0].achieved_per_s if figures.steps else 2.0) / 2)
+        rate = half_rate(figures)
         figures.latency_rate_per_s = rate
         orders = self.orders("l", max(1, math.ceil(rate * self.args.latency_s)), path.mix)
         placed: dict[str, float] = {}
@@ -850,7 +872,8 @@ class Bench:
 def spawn(name: str, argv: list[str], env: dict[str, str], logs_dir: Path) -> ServiceProcess:
     logs_dir.mkdir(parents=True, exist_ok=True)
     log_path = logs_dir / f"{name}.log"
-    with open(log_path, "wb") as output:
+    # Appends: a service started again (benchmarks.soak restarts one) keeps its earlier log.
+    with open(log_path, "ab") as output:
         process = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
     log.info("started %s (pid %d)", name, process.pid)
     return ServiceProcess(name, process, log_path)
@@ -867,9 +890,7 @@ def checker(processes: Sequence[ServiceProcess]) -> Callable[[], None]:
 async def bench_choreo(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched: list[Watched]) -> None:
     args = bench.args
     await ensure_topics(settings)
-    catalog = run_dir / "catalog.json"
-    catalog.write_text(json.dumps(dict.fromkeys(BENCH_SKUS, STOCK_PER_SKU)))
-    env = service_env(settings, catalog)
+    env = service_env(settings, write_catalog(run_dir))
     services = [spawn(name, [sys.executable, "-m", f"services.{name}"], env, run_dir / "logs") for name in SERVICES]
     bench.processes += services
     own = [Watched(s.name, s.process.pid) for s in services]
@@ -890,24 +911,31 @@ async def measure_path(
     bench: Bench, path: UnderTest, warmup: list[PlannedOrder], start_rate: float, factor: float, *, load_s: float
 ) -> None:
     """Warm `path` up, sweep its rates and measure its latency; its watcher and offer are closed whatever happens."""
-    args = bench.args
     await path.watcher.start()
     await path.offer.start()
     try:
-        log.info("warming up %s", path.figures.name)
-        await path.offer.publish(warmup, None, {}, [])
-        if not await path.watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
-            raise RuntimeError(f"{path.figures.name} did not pass the warm-up orders within {args.ready_timeout:.0f} s")
-        if load_s > 0:
-            load = bench.orders("wl", math.ceil(start_rate * load_s), path.mix)
-            log.info("warming up the broker: %d orders at %.0f/s", len(load), start_rate)
-            await path.offer.publish(load, start_rate, {}, [])
-            await path.watcher.wait_for([o.order_id for o in load], args.recover_s, path.check)
+        await warm_up(bench, path, warmup, start_rate, load_s=load_s)
         await bench.sweep(path, start_rate, factor)
         await bench.latency(path)
     finally:
         await path.offer.stop()
         await path.watcher.stop()
+
+
+async def warm_up(
+    bench: Bench, path: UnderTest, warmup: list[PlannedOrder], start_rate: float, *, load_s: float
+) -> None:
+    """`warmup` through `path` all at once (it must pass them), then `load_s` seconds of orders at `start_rate`."""
+    args = bench.args
+    log.info("warming up %s", path.figures.name)
+    await path.offer.publish(warmup, None, {}, [])
+    if not await path.watcher.wait_for([o.order_id for o in warmup], args.ready_timeout, path.check):
+        raise RuntimeError(f"{path.figures.name} did not pass the warm-up orders within {args.ready_timeout:.0f} s")
+    if load_s > 0:
+        load = bench.orders("wl", math.ceil(start_rate * load_s), path.mix)
+        log.info("warming up the broker: %d orders at %.0f/s", len(load), start_rate)
+        await path.offer.publish(load, start_rate, {}, [])
+        await path.watcher.wait_for([o.order_id for o in load], args.recover_s, path.check)
 
 
 async def bench_raw(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched: list[Watched]) -> None:
@@ -955,23 +983,16 @@ async def measure(bench: Bench, settings: ChoreoSettings, run_dir: Path, watched
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dir = Path(tempfile.mkdtemp(prefix="saga-bench-"))
-    log.info("run dir %s", run_dir)
-    broker: LocalBroker | None = None
     bench: Bench | None = None
-    ok = False
-    began = time.monotonic()
-    try:
+
+    def measure_all(where: Throwaway) -> bool:
+        nonlocal bench
         watched: list[Watched] = []
-        if args.bootstrap is None:
-            broker, broker_pid = start_broker(run_dir / "broker")
-            bootstrap = broker.bootstrap
-            watched.append(Watched("broker (jvm)", broker_pid))
-        else:
-            bootstrap = args.bootstrap
+        if where.broker_pid is not None:
+            watched.append(Watched("broker (jvm)", where.broker_pid))
         watched.append(Watched("benchmark", os.getpid()))
         settings = ChoreoSettings(
-            bootstrap_servers=bootstrap,
+            bootstrap_servers=where.bootstrap,
             topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.",
             partitions=args.partitions,
             environment="test",
@@ -979,35 +1000,66 @@ def run(args: argparse.Namespace) -> int:
         report = Report(
             mix=args.mix,
             partitions=settings.partitions,
-            bootstrap=bootstrap,
-            local_broker=broker is not None,
+            bootstrap=where.bootstrap,
+            local_broker=where.broker is not None,
             quick=args.quick,
             machine=machine(),
             flat_definition=FLAT.format(settle=args.settle_s),
         )
         bench = Bench(args, report)
-        asyncio.run(measure(bench, settings, run_dir, watched))
+        asyncio.run(measure(bench, settings, where.run_dir, watched))
         bench.final_usage(watched)
         report.machine["load_average_at_end"] = os.getloadavg()
-        report.wall_s = time.monotonic() - began
+        report.wall_s = time.monotonic() - where.began
         sys.stdout.write(render(report))
         sys.stdout.flush()
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(finite(asdict(report)), indent=2, default=str) + "\n")
-            log.info("figures written to %s", args.json)
-        if args.png is not None:
-            args.png.parent.mkdir(parents=True, exist_ok=True)
-            plot(report, args.png)
-            log.info("plot written to %s", args.png)
-        ok = report.choreo.unexpected_outcomes == 0 and report.choreo.max_flat_per_s is not None
+        write_outputs(args, report, plot)
+        return report.choreo.unexpected_outcomes == 0 and report.choreo.max_flat_per_s is not None
+
+    return run_throwaway("saga-bench", args, measure_all, lambda: bench.processes if bench is not None else [])
+
+
+@dataclass(frozen=True)
+class Throwaway:
+    """Where one benchmark run happens: a folder of its own and a broker, started here unless one was given."""
+
+    run_dir: Path
+    bootstrap: str
+    broker: LocalBroker | None
+    broker_pid: int | None
+    began: float  # monotonic
+
+
+def run_throwaway(
+    label: str,
+    args: argparse.Namespace,
+    measure: Callable[[Throwaway], bool],
+    processes: Callable[[], Sequence[ServiceProcess]],
+) -> int:
+    """`measure` in a throwaway folder, with a broker of its own unless `args.bootstrap` names one.
+
+    Whatever happens (a failure, Ctrl-C, SIGTERM under `sigterm_as_interrupt`), the `processes`
+    still running and the broker are stopped. The folder is removed after a run `measure` calls
+    good, kept (with the logs) otherwise or with `args.keep_run_dir`. The exit status: 0 for good.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{label}-"))
+    log.info("run dir %s", run_dir)
+    broker: LocalBroker | None = None
+    ok = False
+    began = time.monotonic()
+    try:
+        if args.bootstrap is None:
+            broker, broker_pid = start_broker(run_dir / "broker")
+            where = Throwaway(run_dir, broker.bootstrap, broker, broker_pid, began)
+        else:
+            where = Throwaway(run_dir, args.bootstrap, None, None, began)
+        ok = measure(where)
     except KeyboardInterrupt:
         log.warning("interrupted; stopping everything")
     except Exception:
-        log.exception("benchmark failed")
+        log.exception("%s failed", label)
     finally:
-        if bench is not None:
-            stop_services(bench.processes)
+        stop_services(processes())
         if broker is not None:
             broker.stop()
             log.info("broker stopped")
@@ -1016,6 +1068,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if ok else 1
+
+
+Figures = TypeVar("Figures", bound="DataclassInstance")
+
+
+def write_outputs(args: argparse.Namespace, report: Figures, draw: Callable[[Figures, Path], None]) -> None:
+    """`report` (a dataclass) as JSON to `args.json`, and `draw`n as a PNG to `args.png`; None skips either."""
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(finite(asdict(report)), indent=2, default=str) + "\n")
+        log.info("figures written to %s", args.json)
+    if args.png is not None:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        draw(report, args.png)
+        log.info("plot written to %s", args.png)
 
 
 @contextlib.contextmanager
