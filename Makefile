@@ -7,13 +7,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help setup run up down test bench faults lint typecheck contract-check compose-check clean
+.PHONY: help setup run up down test bench soak faults lint typecheck contract-check compose-check clean
 
 help:
 	@echo "make run    set up, start the broker, create topics and run every service (Ctrl-C stops all)"
 	@echo "make test   set up, then ruff, mypy, contract and compose checks, and the test suite"
 	@echo "make up / make down   the same stack in the background"
 	@echo "make bench  throughput and latency of the stack against a raw Kafka pipeline"
+	@echo "make soak   the stack at a steady rate for 30 minutes: memory, state, broker disk, restore time"
+	@echo "            (SOAK_ARGS passes options, for example SOAK_ARGS='--orders 110000')"
 	@echo "make faults the full fault-injection run (every fault several times under load) and its report"
 
 $(BIN)/python:
@@ -57,6 +59,10 @@ test: setup lint typecheck contract-check compose-check
 
 bench: setup
 	$(BIN)/choreo bench
+
+SOAK_ARGS ?=
+soak: setup
+	$(BIN)/choreo soak $(SOAK_ARGS)
 
 # `make test` runs one pass of each fault; this runs each several times, longer and at a higher rate.
 faults: setup

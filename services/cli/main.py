@@ -15,6 +15,7 @@ from services.cli.broker_cmd import add_broker_commands
 from services.cli.monitor_cmd import add_monitor_commands
 from services.cli.publish_cmd import InvalidCommandError, add_publish_commands
 from services.cli.schemas_cmd import add_schemas_commands
+from services.cli.soak_cmd import add_soak_commands
 from services.cli.stack_cmd import add_stack_commands
 from services.cli.topics_cmd import add_topics_commands
 from services.common.logs import configure_logging
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_commands(commands)
     add_monitor_commands(commands)
     add_bench_commands(commands)
+    add_soak_commands(commands)
     add_stack_commands(commands)
     return parser
 
