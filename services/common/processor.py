@@ -582,6 +582,10 @@ class TransactionalRunner:
                         )
                     count += len(records)
                 pending = {tp for tp in pending if await reader.position(tp) < ends[tp]}
+            # Every store now matches its changelog up to the end, read or not: say so, so the next
+            # restore of a task that wrote nothing is incremental too.
+            for partition, tp in tps.items():
+                stores[partition].restore_batch([], Checkpoint(ends[tp], now_ms))
         except BaseException:
             for partition, store in stores.items():
                 self._store_factory.close(partition, store)

@@ -10,7 +10,7 @@ from schemas.topics import APPROVAL_EVENTS, ORDERS, SHIPPING_STATE, Topic
 from services.common.processor import Incoming, TaskContext
 from services.common.saga import apply_once, decode
 from services.shipping.domain import ShippingOrderState, ShippingPolicy
-from services.shipping.handlers import STARTS, handlers
+from services.shipping.handlers import handlers
 from services.shipping.settings import ShippingSettings
 
 
@@ -34,7 +34,6 @@ class ShippingApp:
             source=Source.SHIPPING,
             model=ShippingOrderState,
             handlers=self._handlers,
-            starts=STARTS,
         )
 
     def tick(self, task: TaskContext, now: datetime) -> None:

@@ -14,7 +14,6 @@ from schemas.events import (
     OrderCancellationRefused,
     OrderCancellationRequested,
     OrderCompleted,
-    OrderPlaced,
     ShipmentCancelled,
     ShipmentScheduled,
     ShippingFailed,
@@ -77,22 +76,9 @@ def on_cancellation_requested(state: ShippingOrderState, envelope: Envelope) -> 
     )
 
 
-def on_order_placed(state: ShippingOrderState, envelope: Envelope) -> Reaction[ShippingOrderState]:
-    """Remember that the order exists, so that a cancellation can tell a live order from a forgotten one."""
-    payload(envelope, OrderPlaced)
-    return Reaction(state)
-
-
-_STARTS: tuple[type[Event], ...] = (OrderPlaced, ApprovalGranted)
-STARTS = frozenset(_STARTS)
-"""A cancellation of an order shipping never heard of (never placed, or forgotten after the horizon)
-would otherwise start a compensation for nothing."""
-
-
 def handlers(policy: ShippingPolicy) -> Mapping[type[Event], Handler[ShippingOrderState]]:
-    """Every event shipping reacts to; any other event on its inputs (other approval events) is ignored."""
+    """Every event shipping reacts to; any other event on its inputs (OrderPlaced, other approval events) is ignored."""
     return {
-        OrderPlaced: on_order_placed,
         ApprovalGranted: partial(on_approval_granted, policy),
         OrderCancellationRequested: on_cancellation_requested,
     }

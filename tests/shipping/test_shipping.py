@@ -65,10 +65,6 @@ def granted(order_id: str, details: OrderDetails | None = None) -> Envelope:
     return Envelope.new(event, order_id=order_id, source=Source.APPROVAL, occurred_at=NOW)
 
 
-def placed(order_id: str, details: OrderDetails | None = None) -> Envelope:
-    return Envelope.new(OrderPlaced(**(details or order()).model_dump()), order_id=order_id, source=Source.CLIENT)
-
-
 def cancel(order_id: str, reason: str = "changed my mind") -> Envelope:
     return Envelope.new(OrderCancellationRequested(reason=reason), order_id=order_id, source=Source.CLIENT)
 
@@ -175,28 +171,14 @@ def test_destination_outside_a_configured_list_fails() -> None:
     assert "DE" in failed.reason
 
 
-def test_other_approval_events_are_ignored_without_state() -> None:
+def test_other_approval_events_and_order_placed_are_ignored_without_state() -> None:
     h = Harness()
     details = order()
     requested = ApprovalRequested(order=details, amount=details.total, currency="EUR", deadline=NOW)
+    placed = OrderPlaced(**details.model_dump())
     assert h.feed(APPROVAL_EVENTS, Envelope.new(requested, order_id="o-1", source=Source.APPROVAL)) == []
+    assert h.feed(ORDERS, Envelope.new(placed, order_id="o-1", source=Source.CLIENT)) == []
     assert h.state("o-1") is None
-
-
-def test_order_placed_is_remembered_as_open_and_emits_nothing() -> None:
-    h = Harness()
-    assert h.feed(ORDERS, placed("o-1")) == []
-    state = h.state("o-1")
-    assert state is not None
-    assert state.status is ShippingStatus.OPEN
-
-
-def test_a_cancellation_of_an_order_never_placed_is_dead_lettered_and_starts_nothing() -> None:
-    h = Harness()
-    [out] = h.feed(ORDERS, cancel("o-ghost"))
-    assert out.dead_letter is not None
-    assert out.dead_letter.reason.startswith("unknown order: OrderCancellationRequested for order 'o-ghost'")
-    assert h.state("o-ghost") is None
 
 
 def test_redelivered_grant_re_emits_the_same_events_and_ships_once() -> None:
@@ -222,7 +204,6 @@ def test_a_second_grant_after_completion_changes_nothing() -> None:
 
 def test_cancellation_before_the_grant_cancels_and_a_late_grant_never_ships() -> None:
     h = Harness()
-    h.feed(ORDERS, placed("o-1"))
     request = cancel("o-1", "found it cheaper")
 
     outs = h.feed(ORDERS, request)
@@ -265,7 +246,6 @@ def test_cancellation_after_a_failed_shipment_emits_nothing() -> None:
 
 def test_a_second_cancellation_emits_nothing_and_a_redelivered_one_repeats_its_answer() -> None:
     h = Harness()
-    h.feed(ORDERS, placed("o-1"))
     request = cancel("o-1")
     first = h.feed(ORDERS, request)
     assert h.feed(ORDERS, request) == first
@@ -310,9 +290,6 @@ def test_every_arrival_order_ends_in_exactly_one_outcome_and_never_ships_after_a
     arrivals: list[str], served: bool
 ) -> None:
     h = Harness()
-    # Placing and cancelling both go on `orders`, keyed by order: the cancellation of a placed order
-    # never overtakes it there.
-    arrivals = ["placed", *arrivals]
     details = order("FR" if served else "AQ")
     envelopes = {
         "grant": granted("o-1", details),
