@@ -1038,35 +1038,38 @@ def run_throwaway(
 ) -> int:
     """`measure` in a throwaway folder, with a broker of its own unless `args.bootstrap` names one.
 
-    Whatever happens (a failure, Ctrl-C, SIGTERM under `sigterm_as_interrupt`), the `processes`
-    still running and the broker are stopped. The folder is removed after a run `measure` calls
-    good, kept (with the logs) otherwise or with `args.keep_run_dir`. The exit status: 0 for good.
+    Whatever happens (a failure, Ctrl-C, SIGTERM), the `processes` still running and the broker
+    are stopped. The folder is removed after a run `measure` calls good, kept (with the logs)
+    otherwise or with `args.keep_run_dir`. The exit status: 0 for good.
     """
     run_dir = Path(tempfile.mkdtemp(prefix=f"{label}-"))
     log.info("run dir %s", run_dir)
     broker: LocalBroker | None = None
     ok = False
     began = time.monotonic()
-    try:
-        if args.bootstrap is None:
-            broker, broker_pid = start_broker(run_dir / "broker")
-            where = Throwaway(run_dir, broker.bootstrap, broker, broker_pid, began)
-        else:
-            where = Throwaway(run_dir, args.bootstrap, None, None, began)
-        ok = measure(where)
-    except KeyboardInterrupt:
-        log.warning("interrupted; stopping everything")
-    except Exception:
-        log.exception("%s failed", label)
-    finally:
-        stop_services(processes())
-        if broker is not None:
-            broker.stop()
-            log.info("broker stopped")
-        if args.keep_run_dir or not ok:
-            log.info("kept the run dir (logs under logs/): %s", run_dir)
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    # Here rather than in main(): `choreo bench` and `choreo soak` call run() directly, and the
+    # default action of SIGTERM would leave the services and the broker running.
+    with sigterm_as_interrupt():
+        try:
+            if args.bootstrap is None:
+                broker, broker_pid = start_broker(run_dir / "broker")
+                where = Throwaway(run_dir, broker.bootstrap, broker, broker_pid, began)
+            else:
+                where = Throwaway(run_dir, args.bootstrap, None, None, began)
+            ok = measure(where)
+        except KeyboardInterrupt:
+            log.warning("interrupted; stopping everything")
+        except Exception:
+            log.exception("%s failed", label)
+        finally:
+            stop_services(processes())
+            if broker is not None:
+                broker.stop()
+                log.info("broker stopped")
+            if args.keep_run_dir or not ok:
+                log.info("kept the run dir (logs under logs/): %s", run_dir)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if ok else 1
 
 
@@ -1148,8 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = finish_arguments(parser.parse_args(argv))
     configure_logging()
-    with sigterm_as_interrupt():
-        return run(args)
+    return run(args)
 
 
 def configure_logging() -> None:

@@ -603,7 +603,7 @@ async def find_rate(
         log.warning("the quick sweep found no flat rate; soaking at half of what its first step achieved")
         report.rate_source = "half of the first sweep step's achieved rate (no flat step)"
     else:
-        report.rate_source = f"half of the flat rate {figures.max_flat_per_s:.0f}/s (quick sweep)"
+        report.rate_source = f"half of the quick sweep's flat rate, {figures.max_flat_per_s:.0f}/s"
     return saga_bench.half_rate(figures)
 
 
@@ -990,8 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = finish_arguments(parser.parse_args(argv))
     configure_logging()
-    with saga_bench.sigterm_as_interrupt():
-        return run(args)
+    return run(args)
 
 
 if __name__ == "__main__":
