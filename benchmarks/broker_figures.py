@@ -59,6 +59,8 @@ class LiveKeys:
         self.topics = {name: TopicKeys(set(), Counter()) for name in topics}
         self._reader: Any = None
         self._tps: list[TopicPartition] = []
+        # Two reads at once would pause and resume the partitions under each other's feet.
+        self._reading = asyncio.Lock()
 
     async def start(self) -> None:
         reader = make_consumer(self.settings, group_id=None, max_poll_records=MAX_POLL_RECORDS)
@@ -81,6 +83,10 @@ class LiveKeys:
 
     async def catch_up(self, budget_s: float = READ_BUDGET_S) -> bool:
         """Read up to the current end of every topic; False if the budget ran out first."""
+        async with self._reading:
+            return await self._catch_up(budget_s)
+
+    async def _catch_up(self, budget_s: float) -> bool:
         reader = self._reader
         if reader is None:
             raise RuntimeError("LiveKeys.catch_up before start")

@@ -237,7 +237,7 @@ class RestartFigures:
     healthy_s: float | None  # start to the first 200 from /health; None: not within the timeout
     restored_records: float | None  # from the service's /health, when it reports them
     restore_seconds: float | None
-    changelog_live_keys: int | None  # of its changelog, at the last count before the stop
+    changelog_live_keys: int | None  # of its changelog, counted just before the stop
     health: Any = None
 
 
@@ -259,7 +259,7 @@ class ChangelogFigures:
     bound_end: int  # orders in flight plus orders ended within the horizon, at that count
     worst_excess: int  # the largest live - bound over the counts after the warm-up
     worst_excess_at_s: float | None
-    kinds_end: dict[str, int]
+    kinds_end: dict[str, int]  # after the drain that follows the steady phase
     records_read: int
     bytes_read: int
 
@@ -511,8 +511,9 @@ class Soak:
                 await asyncio.sleep(0.2)
             history = self.report.history_before + self.placed
             at_s = round(self.elapsed(), 1)
-            last_count = self.report.keys_samples[-1].live.get(changelog) if self.report.keys_samples else None
-            log.info("restarting %s after %d orders of history", name, history)
+            # A fresh count: the periodic one may be up to --keys-every-s old.
+            before = (await self.count_keys()).live.get(changelog)
+            log.info("restarting %s after %d orders of history (%s live keys)", name, history, before)
             stop_s, healthy_s, body = await stack.restart(name, client, self.args.ready_timeout)
             figures = RestartFigures(
                 service=name,
@@ -523,7 +524,7 @@ class Soak:
                 healthy_s=round(healthy_s, 3) if healthy_s is not None else None,
                 restored_records=find_number(body, "restored_records"),
                 restore_seconds=find_number(body, "restore_seconds"),
-                changelog_live_keys=last_count,
+                changelog_live_keys=before,
                 health=body,
             )
             self.report.restarts.append(figures)
@@ -565,6 +566,9 @@ class Soak:
             restarting = group.create_task(self.restart_loop(stop, client))
             try:
                 await self.publish(offer, rate, until_s)
+                # The steady phase's last figures as it ends, not up to a sampling period before.
+                self.take_sample()
+                self.progress(await self.count_keys())
             finally:
                 self.report.steady_s = round(self.elapsed(), 1)
                 self.report.placed = self.placed
@@ -753,7 +757,7 @@ def render(report: Report) -> str:
         f" {report.partitions} partitions per topic",
         f"  mix            {', '.join(f'{k}={v}' for k, v in report.mix.items() if v)}",
         f"  horizon        {report.horizon_s:g} s (CHOREO_ORDER_RETENTION); state store"
-        f" {report.state_store or 'the services default'}",
+        f" {report.state_store or 'as the services default'}",
         f"  rate           {fmt(report.rate_per_s, '.1f')} sagas/s offered ({report.rate_source});"
         f" {fmt(report.placed / report.steady_s if report.steady_s else None, '.1f')}/s achieved by the publisher",
         f"  steady phase   {fmt(report.steady_s)} s, warm-up {fmt(report.warmup_s)} s (left out of the start figures);"
@@ -786,7 +790,7 @@ def render(report: Report) -> str:
     )
     lines += [
         "",
-        f"  {'changelog':<18}{'live keys':>10}{'bound':>8}{'worst excess':>14}   keys by kind at the end",
+        f"  {'changelog':<18}{'live keys':>10}{'bound':>8}{'worst excess':>14}   keys by kind after the drain",
     ]
     for log_figures in report.changelogs:
         kinds = ", ".join(f"{kind} {count}" for kind, count in log_figures.kinds_end.items()) or "-"
