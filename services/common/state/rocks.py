@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import shutil
 from collections.abc import Iterator, Mapping
 from functools import cache
@@ -127,7 +126,3 @@ def open_rocks(path: Path, scratch: Path) -> RocksBackend:
 def wipe(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
-
-
-def is_scratch(backend: RocksBackend, scratch: Path) -> bool:
-    return os.path.samefile(backend.path, scratch) if scratch.exists() else False
