@@ -32,7 +32,16 @@ from aiokafka.errors import KafkaError
 
 from schemas.envelope import Envelope, Source
 from schemas.events import ApprovalDecisionSubmitted, OrderCancellationRequested
-from schemas.topics import MONITOR_ALERTS, Topic, topic_of
+from schemas.topics import (
+    APPROVAL_STATE,
+    AUDIT_STATE,
+    INVENTORY_STATE,
+    MONITOR_ALERTS,
+    PAYMENT_STATE,
+    SHIPPING_STATE,
+    Topic,
+    topic_of,
+)
 from services.common.broker import LocalBroker
 from services.common.kafka import producer
 from services.common.settings import ChoreoSettings
@@ -71,6 +80,13 @@ REPORTS = pytest.StashKey[list[str]]()
 
 # Downstream first, so nothing is produced for a service that is not consuming yet.
 SAGA_SERVICES: tuple[str, ...] = ("audit", "shipping", "approval", "payment", "inventory")
+CHANGELOGS: dict[str, Topic] = {
+    "audit": AUDIT_STATE,
+    "shipping": SHIPPING_STATE,
+    "approval": APPROVAL_STATE,
+    "payment": PAYMENT_STATE,
+    "inventory": INVENTORY_STATE,
+}
 ALL_SERVICES: tuple[str, ...] = ("monitor", *SAGA_SERVICES)
 APPROVAL_TIMEOUT_S = 6.0
 DECISION_DELAY_S = (0.8, 2.0)
@@ -96,14 +112,21 @@ class Profile:
     gap_s: tuple[float, float]  # load between two faults
     kill_together: int  # services SIGKILLed at the same moment (several at once keep the reduced run short)
     timeout_s: float  # the whole test, as pytest-timeout enforces it
+    # The order retention horizon of every saga service. Far shorter than the run, so finished orders
+    # expire while faults go on; far longer than any client message trails its order (a duplicate is
+    # at most DUPLICATE_DELAY_S late, plus the longest recovery), so no input arrives after its horizon.
+    order_retention_s: float = 60.0
 
     @classmethod
     def chosen(cls) -> Profile:
         wanted = os.environ.get("CHOREO_FAULTS", "").strip().lower() or "reduced"
+        horizon = float(os.environ.get("CHOREO_FAULTS_ORDER_RETENTION", "60"))
         if wanted == "full":
-            return cls("full", rate=4.0, rounds=3, gap_s=(2.0, 6.0), kill_together=1, timeout_s=3600)
+            return cls("full", rate=4.0, rounds=3, gap_s=(2.0, 6.0), kill_together=1, timeout_s=3600,
+                       order_retention_s=horizon)  # fmt: skip
         if wanted == "reduced":
-            return cls("reduced", rate=2.5, rounds=1, gap_s=(0.5, 1.5), kill_together=3, timeout_s=900)
+            return cls("reduced", rate=2.5, rounds=1, gap_s=(0.5, 1.5), kill_together=3, timeout_s=900,
+                       order_retention_s=horizon)  # fmt: skip
         raise ValueError(f"CHOREO_FAULTS must be reduced or full, not {wanted!r}")
 
 
@@ -337,6 +360,7 @@ class FaultRun(Run):
         # Checks a scenario can only make once everything has settled: each returns its violations.
         self.final_checks: list[Callable[[], Awaitable[list[str]]]] = []
         self.notes: list[str] = []
+        self.final_checks.append(self.orders_expired)
         self.ports = {name: free_port() for name in ALL_SERVICES}
         self._probes = itertools.count()
 
@@ -352,6 +376,8 @@ class FaultRun(Run):
 
     def _service_env(self, name: str, instance: int) -> dict[str, str]:
         env = {"CHOREO_HEALTH_PORT": str(self.ports[name] if instance == 1 else 0)}
+        if name in SAGA_SERVICES:
+            env["CHOREO_ORDER_RETENTION"] = f"{self.profile.order_retention_s:g}"
         if name == "monitor":
             targets = {other: f"http://127.0.0.1:{self.ports[other]}/health" for other in SAGA_SERVICES}
             env |= {
@@ -423,6 +449,21 @@ class FaultRun(Run):
             found.extend(await check())
         return found
 
+    async def orders_expired(self) -> list[str]:
+        """Each saga service forgot some finished orders during the run: their changelog holds tombstones.
+
+        The run lasts several horizons, so an order placed early has long expired; a service that
+        tombstoned none has stopped expiring (a fault broke its sweep, or pending work never ends)."""
+        expired = {name: await order_tombstones(self.settings, topic) for name, topic in CHANGELOGS.items()}
+        self.notes.append(
+            f"order states expired (tombstones on the changelogs, horizon {self.profile.order_retention_s:g} s): "
+            + ", ".join(f"{name} {count}" for name, count in expired.items())
+        )
+        if self.timeline.elapsed() < 2 * self.profile.order_retention_s:
+            return []  # too short a run to expect any
+        return [f"{name} expired no order in a run of {self.timeline.elapsed():.0f} s"
+                for name, count in expired.items() if count == 0]  # fmt: skip
+
     def quiet_orders(self) -> list[PlannedOrder]:
         return [planned for planned in self.orders if planned.order_id in self.quiet]
 
@@ -472,6 +513,12 @@ def outcome_counts(orders: Sequence[PlannedOrder], timelines: dict[str, list[Env
         outcome = outcome if len(ends) <= 1 else f"{len(ends)} terminal events"
         tally[outcome] += 1
     return ", ".join(f"{key} {count}" for key, count in sorted(tally.items()))
+
+
+async def order_tombstones(settings: ChoreoSettings, changelog: Topic) -> int:
+    """How many order states a changelog deleted (tombstoned); the sweep deletes only expired ones."""
+    records = await read_topic(settings, changelog)
+    return sum(1 for record in records if record.value is None and record.key.startswith(b"order:"))
 
 
 async def alerts_by_subject(settings: ChoreoSettings, topic: Topic = MONITOR_ALERTS) -> dict[str, list[Envelope]]:
