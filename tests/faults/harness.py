@@ -35,6 +35,7 @@ from schemas.events import ApprovalDecisionSubmitted, OrderCancellationRequested
 from schemas.topics import (
     APPROVAL_STATE,
     AUDIT_STATE,
+    DEAD_LETTER,
     INVENTORY_STATE,
     MONITOR_ALERTS,
     PAYMENT_STATE,
@@ -455,9 +456,13 @@ class FaultRun(Run):
         The run lasts several horizons, so an order placed early has long expired; a service that
         tombstoned none has stopped expiring (a fault broke its sweep, or pending work never ends)."""
         expired = {name: await order_tombstones(self.settings, topic) for name, topic in CHANGELOGS.items()}
+        letters = [json.loads(record.value) for record in await read_topic(self.settings, DEAD_LETTER)]
+        late = Counter(letter["consumer"] for letter in letters if any(r.covers(letter) for r in self.replayed))
         self.notes.append(
             f"order states expired (tombstones on the changelogs, horizon {self.profile.order_retention_s:g} s): "
             + ", ".join(f"{name} {count}" for name, count in expired.items())
+            + "; rewound records of forgotten orders dead-lettered as expired: "
+            + (", ".join(f"{name} {count}" for name, count in sorted(late.items())) or "none")
         )
         if self.timeline.elapsed() < 2 * self.profile.order_retention_s:
             return []  # too short a run to expect any

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from schemas.deadletter import DeadLetter
@@ -33,6 +33,7 @@ from tests.workload import (
     LARGE,
     PLAIN,
     PlannedOrder,
+    Replay,
     assignments,
     audit_timelines,
     freeze,
@@ -228,15 +229,18 @@ async def rewind_group(run: FaultRun, name: str) -> None:
     victim = run.primary(name)
     fault = run.inject("rewind", run.settings.group(name), f"{REWIND_RECORDS} records per partition")
     await asyncio.to_thread(victim.stop)
-    rewound = await rewind_offsets(run.settings, run.settings.group(name), REWIND_RECORDS)
+    ranges = await rewind_offsets(run.settings, run.settings.group(name), REWIND_RECORDS)
+    run.replayed.extend(Replay(name, tp.topic, tp.partition, start, end) for tp, (start, end) in ranges.items())
     victim.start()
     run.release(fault)
-    fault.detail = f"{rewound} records to read again"
+    fault.detail = f"{sum(end - start for start, end in ranges.values())} records to read again"
     await run.recover(fault)
 
 
-async def rewind_offsets(settings: ChoreoSettings, group: str, back: int) -> int:
-    """Commit offsets `back` records before the group's committed ones (the group must be empty); how many in all."""
+async def rewind_offsets(settings: ChoreoSettings, group: str, back: int) -> dict[TopicPartition, tuple[int, int]]:
+    """Commit offsets `back` records before the group's committed ones (the group must be empty).
+
+    Returns the offsets each partition reads again: from the new committed offset up to the old one."""
     admin = admin_client(settings)
     await admin.start()
     try:
@@ -251,7 +255,7 @@ async def rewind_offsets(settings: ChoreoSettings, group: str, back: int) -> int
         await rewinder.commit(older)
     finally:
         await rewinder.stop()
-    return sum(committed[tp].offset - meta.offset for tp, meta in older.items())
+    return {tp: (meta.offset, committed[tp].offset) for tp, meta in older.items()}
 
 
 # --- poison ------------------------------------------------------------------------------------------
