@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiokafka import TopicPartition
 from aiokafka.structs import RecordMetadata
 
-from benchmarks import raw_pipeline
+from benchmarks import profile, raw_pipeline
 from schemas.envelope import Envelope, Source
 from schemas.events import (
     Address,
@@ -551,6 +551,8 @@ class Report:
     raw: PathFigures | None = None
     choreo_over_raw: float | None = None
     processes: list[ProcessFigures] = field(default_factory=list)
+    # With --profile: each service's samples by kind of work, during one more step at the flat rate.
+    profile: dict[str, profile.Profile] = field(default_factory=dict)
     wall_s: float = math.nan
 
 
@@ -637,6 +639,7 @@ def render(report: Report) -> str:
     lines.append("  (cpu s: whole run; cpu ms/saga: during the highest flat step of its path;")
     lines.append("   total: the path's processes and the broker, without the benchmark)")
     lines.append(f"  choreo unexpected outcomes: {report.choreo.unexpected_outcomes}; wall time {report.wall_s:.0f} s")
+    lines += profile.render(report.profile)
     return "\n".join(lines) + "\n"
 
 
@@ -857,6 +860,18 @@ class Bench:
             figures.cpu_ms_per_saga = {name: cpu * 1000 / best.orders for name, cpu in best.cpu_s.items()}
             figures.cpu_ms_per_saga_total = stack_cpu_ms(figures.cpu_ms_per_saga)
 
+    async def profile(self, path: UnderTest) -> None:
+        """One more step at the highest flat rate, with py-spy on every service."""
+        rate = path.figures.max_flat_per_s
+        if rate is None:
+            log.warning("no flat rate, so no profile")
+            return
+        pids = {process.name: process.pid for process in path.watched if process.name in SERVICES}
+        log.info("profiling %s at %.0f/s into %s", ", ".join(pids), rate, self.args.profile)
+        with profile.recording(pids, self.args.profile) as paths:
+            await self.step(path, rate)
+        self.report.profile = profile.read_profiles(paths)
+
     async def latency(self, path: UnderTest) -> None:
         figures = path.figures
         rate = half_rate(figures)
@@ -930,6 +945,8 @@ async def measure_path(
         await warm_up(bench, path, warmup, start_rate, load_s=load_s)
         await bench.sweep(path, start_rate, factor)
         await bench.latency(path)
+        if bench.args.profile is not None and path.figures.name == "choreo":
+            await bench.profile(path)
     finally:
         await path.offer.stop()
         await path.watcher.stop()
@@ -1145,6 +1162,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-timeout", type=positive_float, default=180.0, help="seconds for the warm-up")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order generator")
     parser.add_argument("--keep-run-dir", action="store_true", help="keep broker data and process logs")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="one more step at the flat rate with py-spy on every service; raw profiles go to DIR",
+    )
 
 
 def finish_arguments(args: argparse.Namespace) -> argparse.Namespace:
