@@ -22,6 +22,16 @@ from pydantic import (
 from schemas.events import EVENT_TYPES, Event
 from schemas.primitives import OrderId
 
+# CloudEvents attributes of an envelope, as Kafka headers (the Kafka protocol binding's `ce_` names).
+# The value stays the whole envelope, so a consumer that ignores headers loses nothing; a service
+# reads `ce_type` to skip, without parsing, an event it has no handler for.
+CE_SPECVERSION = "ce_specversion"
+CE_ID = "ce_id"
+CE_TYPE = "ce_type"
+CE_SOURCE = "ce_source"
+CE_SUBJECT = "ce_subject"
+CE_TIME = "ce_time"
+
 # Namespace for deterministic event ids: re-handling the same cause yields the same id,
 # so a consumer that deduplicates on `event_id` sees one event, however often it is produced.
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c8a52-3c4e-4b8e-9a0e-2d7f5b1c9e44")
@@ -128,6 +138,17 @@ class Envelope(BaseModel):
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
+
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        """The envelope's CloudEvents attributes, as the Kafka headers of its record."""
+        return (
+            (CE_SPECVERSION, b"1.0"),
+            (CE_ID, str(self.event_id).encode()),
+            (CE_TYPE, self.type.encode()),
+            (CE_SOURCE, self.source.value.encode()),
+            (CE_SUBJECT, self.order_id.encode()),
+            (CE_TIME, self._rfc3339(self.occurred_at).encode()),
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes | None) -> Envelope:

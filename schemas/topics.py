@@ -53,6 +53,8 @@ class Topic:
     config: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     partitioned_by_order: bool = True
     internal: bool = False
+    # Clients write it: every record is parsed and validated whole, whatever its headers say.
+    written_by_clients: bool = False
 
     @property
     def compacted(self) -> bool:
@@ -70,6 +72,7 @@ ORDERS = Topic(
     description="Client commands: place or cancel an order.",
     events=(OrderPlaced, OrderCancellationRequested),
     config=_DELETE,
+    written_by_clients=True,
 )
 INVENTORY_EVENTS = Topic(
     "inventory.events",
@@ -109,6 +112,7 @@ APPROVAL_DECISIONS = Topic(
     description="Reviewers' decisions as submitted, over HTTP or straight to the topic.",
     events=(ApprovalDecisionSubmitted,),
     config=_DELETE,
+    written_by_clients=True,
 )
 SHIPPING_EVENTS = Topic(
     "shipping.events",

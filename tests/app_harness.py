@@ -29,6 +29,7 @@ class Out:
     key: str | None
     envelope: Envelope | None
     dead_letter: DeadLetter | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class AppHarness(Generic[App, Settings]):
@@ -44,10 +45,19 @@ class AppHarness(Generic[App, Settings]):
         return partition_for(order_id.encode(), self.settings.partitions)
 
     def feed(self, topic: Topic, envelope: Envelope) -> list[Out]:
-        return self.feed_raw(topic, envelope.key, envelope.to_bytes(), self.partition(envelope.order_id))
+        """`envelope` as a record on `topic`, with the headers every producer gives it."""
+        partition = self.partition(envelope.order_id)
+        return self.feed_raw(topic, envelope.key, envelope.to_bytes(), partition, headers=envelope.headers())
 
-    def feed_raw(self, topic: Topic, key: bytes | None, value: bytes | None, partition: int) -> list[Out]:
-        message = Incoming(topic, partition, next(self._offsets), key, value, 0)
+    def feed_raw(
+        self,
+        topic: Topic,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int,
+        headers: tuple[tuple[str, bytes], ...] = (),
+    ) -> list[Out]:
+        message = Incoming(topic, partition, next(self._offsets), key, value, 0, headers)
         return self._run(partition, lambda task: self.app.process(task, message))
 
     def tick(self, now: datetime) -> list[Out]:
@@ -74,5 +84,5 @@ class AppHarness(Generic[App, Settings]):
             if out.topic == self.settings.topic(DEAD_LETTER):
                 outs.append(Out(out.topic, key, None, DeadLetter.model_validate_json(out.value)))
             else:
-                outs.append(Out(out.topic, key, Envelope.from_bytes(out.value), None))
+                outs.append(Out(out.topic, key, Envelope.from_bytes(out.value), None, out.headers))
         return outs

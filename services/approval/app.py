@@ -28,7 +28,7 @@ class ApprovalApp:
         self._handlers = handlers(policy)
 
     def process(self, task: TaskContext, message: Incoming) -> None:
-        envelope = decode(task, message)
+        envelope = decode(task, message, handles=self._handlers)
         if envelope is None or type(envelope.data) not in self._handlers:
             return
         apply_once(task, message, envelope, source=Source.APPROVAL, model=ApprovalState, handlers=self._handlers)

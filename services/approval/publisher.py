@@ -47,7 +47,10 @@ class KafkaDecisionPublisher:
             raise PublishError("the decision publisher is not running")
         try:
             await self._producer.send_and_wait(
-                self.settings.topic(APPROVAL_DECISIONS), envelope.to_bytes(), key=envelope.key
+                self.settings.topic(APPROVAL_DECISIONS),
+                envelope.to_bytes(),
+                key=envelope.key,
+                headers=list(envelope.headers()),
             )
         except Exception as error:  # any failure to hand over is the client's to retry, never a 500
             raise PublishError(f"could not publish the decision: {error!r}") from error

@@ -82,6 +82,14 @@ class Incoming:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    def header(self, name: str) -> bytes | None:
+        """The first header called `name`, if any."""
+        for found, value in self.headers:
+            if found == name:
+                return value
+        return None
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ class TaskContext:
     def emit(self, envelope: Envelope) -> None:
         """Publish a contract event on the saga topic the registry assigns to its type."""
         topic = self.settings.topic(topic_of(type(envelope.data)))
-        self.outbox.append(Outgoing(topic, envelope.key, envelope.to_bytes()))
+        self.outbox.append(Outgoing(topic, envelope.key, envelope.to_bytes(), headers=envelope.headers()))
 
     def send(self, topic: Topic, key: str, value: bytes) -> None:
         """Publish an internal message (not an envelope) keyed by `key`."""
@@ -369,8 +377,9 @@ class TransactionalRunner:
         ]
         for _timestamp, _index, tp, row in heapq.merge(*streams, key=lambda item: (item[0], item[1])):
             message = Incoming(
-                self._topics_by_name[tp.topic], tp.partition, row.offset, row.key, row.value, row.timestamp
-            )
+                self._topics_by_name[tp.topic], tp.partition, row.offset, row.key, row.value, row.timestamp,
+                tuple(row.headers or ()),
+            )  # fmt: skip
             context.stream_time_ms = max(context.stream_time_ms, row.timestamp)
             try:
                 self.app.process(context, message)

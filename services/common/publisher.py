@@ -18,7 +18,12 @@ async def publish(settings: ChoreoSettings, envelopes: Sequence[Envelope]) -> li
     await client.start()
     try:
         pending = [
-            await client.send(settings.topic(topic_of(type(envelope.data))), envelope.to_bytes(), key=envelope.key)
+            await client.send(
+                settings.topic(topic_of(type(envelope.data))),
+                envelope.to_bytes(),
+                key=envelope.key,
+                headers=list(envelope.headers()),
+            )
             for envelope in envelopes
         ]
         return [await delivery for delivery in pending]

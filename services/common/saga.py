@@ -8,15 +8,15 @@ exactly the events recorded the first time.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Self, TypeVar
 
 from aiokafka.partitioner import murmur2
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas.envelope import ContractError, Envelope, Source, describe_validation_error
-from schemas.events import Event
+from schemas.envelope import CE_TYPE, ContractError, Envelope, Source, describe_validation_error
+from schemas.events import EVENT_TYPES, Event
 from schemas.topics import Topic
 from services.common.processor import Incoming, TaskContext
 
@@ -96,8 +96,15 @@ def _misrouted(task: TaskContext, message: Incoming, key: bytes) -> bool:
     return True
 
 
-def decode(task: TaskContext, message: Incoming) -> Envelope | None:
-    """The message's envelope, or None after dead-lettering it with the reason."""
+def decode(task: TaskContext, message: Incoming, handles: Collection[type[Event]] | None = None) -> Envelope | None:
+    """The message's envelope, or None after dead-lettering it with the reason.
+
+    With `handles`, an event a service wrote whose `ce_type` header names a type not among them is
+    skipped unparsed (None, nothing dead-lettered): the service would ignore it anyway. Whatever a
+    client wrote is parsed and validated whole.
+    """
+    if handles is not None and not message.topic.written_by_clients and ignored(message, handles):
+        return None
     try:
         envelope = Envelope.from_bytes(message.value)
     except ContractError as error:
@@ -112,6 +119,13 @@ def decode(task: TaskContext, message: Incoming) -> Envelope | None:
     if _misrouted(task, message, envelope.key):
         return None
     return envelope
+
+
+def ignored(message: Incoming, handles: Collection[type[Event]]) -> bool:
+    """Whether the record's `ce_type` header names a known event type outside `handles`."""
+    named = message.header(CE_TYPE)
+    event_type = EVENT_TYPES.get(named.decode(errors="replace")) if named is not None else None
+    return event_type is not None and event_type not in handles
 
 
 class AppliedOffset(BaseModel):

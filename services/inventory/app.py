@@ -47,7 +47,7 @@ class InventoryApp:
         elif message.topic.name == STOCK_REPLIES.name:
             self._stock_reply(task, message)
         else:
-            envelope = decode(task, message)
+            envelope = decode(task, message, handles=SAGA_HANDLERS)
             if envelope is not None:
                 apply_once(
                     task, message, envelope, source=Source.INVENTORY, model=InventoryOrder, handlers=SAGA_HANDLERS

@@ -24,7 +24,7 @@ class ShippingApp:
         self._handlers = handlers(policy)
 
     def process(self, task: TaskContext, message: Incoming) -> None:
-        envelope = decode(task, message)
+        envelope = decode(task, message, handles=self._handlers)
         if envelope is None:
             return
         apply_once(

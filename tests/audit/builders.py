@@ -274,6 +274,7 @@ def record(envelope: Envelope, offset: int = 0, *, value: bytes | None = None) -
         key=envelope.key,
         value=envelope.to_bytes() if value is None else value,
         timestamp_ms=0,
+        headers=envelope.headers(),
     )
 
 

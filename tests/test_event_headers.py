@@ -1,0 +1,73 @@
+"""CloudEvents headers: every event a service emits carries them, and a service skips by `ce_type`,
+unparsed, the events it has no handler for, unless a client wrote them."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.deadletter import DeadLetter
+from schemas.envelope import CE_ID, CE_SOURCE, CE_SPECVERSION, CE_SUBJECT, CE_TIME, CE_TYPE, Envelope
+from schemas.topics import APPROVAL_EVENTS, ORDERS, Topic
+from services.common.processor import Incoming
+from tests.audit.builders import Harness as AuditHarness
+from tests.shipping.test_shipping import Harness as ShippingHarness
+from tests.shipping.test_shipping import granted
+
+NOT_JSON = b"{not json"
+
+
+def typed(name: str) -> tuple[tuple[str, bytes], ...]:
+    return ((CE_SPECVERSION, b"1.0"), (CE_TYPE, name.encode()))
+
+
+def test_every_emitted_event_carries_its_cloudevents_attributes() -> None:
+    # Given shipping, when an approved order arrives
+    outs = ShippingHarness().feed(APPROVAL_EVENTS, granted("o-1"))
+    # Then each event it emits names its own id, type, source, subject and time in headers
+    assert outs
+    for out in outs:
+        assert out.envelope is not None
+        envelope: Envelope = out.envelope
+        assert dict(out.headers) == {
+            CE_SPECVERSION: b"1.0",
+            CE_ID: str(envelope.event_id).encode(),
+            CE_TYPE: envelope.type.encode(),
+            CE_SOURCE: envelope.source.value.encode(),
+            CE_SUBJECT: envelope.order_id.encode(),
+            CE_TIME: envelope.model_dump(mode="json")["occurred_at"].encode(),
+        }
+
+
+def test_an_event_the_service_does_not_handle_is_skipped_unparsed() -> None:
+    shipping = ShippingHarness()
+    # ApprovalRequested has no handler in shipping: even a body that is not JSON is never read.
+    headers = typed("ApprovalRequested")
+    assert shipping.feed_raw(APPROVAL_EVENTS, b"o-1", NOT_JSON, shipping.partition("o-1"), headers) == []
+
+
+@pytest.mark.parametrize(
+    ("topic", "headers", "why"),
+    [
+        (APPROVAL_EVENTS, typed("ApprovalGranted"), "a type the service handles is parsed"),
+        (APPROVAL_EVENTS, (), "without a ce_type header the record is parsed"),
+        (APPROVAL_EVENTS, typed("NoSuchEvent"), "an unknown type in the header is parsed"),
+        (ORDERS, typed("OrderPlaced"), "what a client wrote is parsed, whatever its headers"),
+    ],
+)
+def test_anything_else_is_parsed_and_a_bad_body_dead_lettered(
+    topic: Topic, headers: tuple[tuple[str, bytes], ...], why: str
+) -> None:
+    shipping = ShippingHarness()
+    outs = shipping.feed_raw(topic, b"o-1", NOT_JSON, shipping.partition("o-1"), headers)
+    letters = [out.dead_letter for out in outs if out.dead_letter is not None]
+    assert len(letters) == 1, why
+    assert isinstance(letters[0], DeadLetter)
+    assert letters[0].reason.startswith("not JSON")
+
+
+def test_audit_handles_every_type_so_it_dead_letters_what_others_skipped() -> None:
+    audit = AuditHarness.for_order("o-1")
+    skipped = Incoming(APPROVAL_EVENTS, audit.partition, 3, b"o-1", NOT_JSON, 0, typed("ApprovalRequested"))
+    assert audit.feed(skipped) == []
+    [letter] = [DeadLetter.model_validate_json(raw) for raw in audit.dead_letters]
+    assert (letter.consumer, letter.offset) == ("audit", 3)
