@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.topics import Topic
+from services.common.kafka import admin_client
 from services.common.settings import ChoreoSettings
 
 T = TypeVar("T")
@@ -73,3 +74,27 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s; last result: {result!r}")
         await asyncio.sleep(interval)
+
+
+async def end_offsets(settings: ChoreoSettings, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The log end offset of each partition now (control records included)."""
+    consumer = AIOKafkaConsumer(**settings.kafka_options())
+    await consumer.start()
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(
+    settings: ChoreoSettings, group: str, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """What `group` has committed for each of `partitions` (-1 where nothing)."""
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp: found[tp].offset if tp in found else -1 for tp in partitions}

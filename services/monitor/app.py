@@ -7,9 +7,10 @@ import logging
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.web import Request, Response, View
 
@@ -122,7 +123,11 @@ class Monitor:
             "key_serializer": "raw",
             "value_serializer": "raw",
         }
-        self.audit = self.app.topic(settings.topic(AUDIT), **raw)
+        # faust's own acknowledgements are off for audit: its ack bookkeeping stops committing when an
+        # offset is never delivered (faust-streaming #596; audit is written transactionally, so every
+        # commit marker is such an offset), and then it keeps every acked offset in memory for ever.
+        # The agent commits what it applied itself, once the state that implies is on the broker.
+        self.audit = self.app.topic(settings.topic(AUDIT), **raw, acks=False)
         self.alerts = self.app.topic(settings.topic(MONITOR_ALERTS), **raw)
         changelog = self.app.topic(
             settings.topic(MONITOR_STATE),
@@ -197,15 +202,18 @@ class Monitor:
         @app.agent(self.audit, name="follow-audit")
         async def follow_audit(stream: Any) -> None:
             async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+                applied: dict[Any, int] = {}
                 for event in events:
                     message = event.message
                     try:
                         engine.apply(message.partition, message.offset, message.value)
                     except Exception:
                         log.exception("audit record not applied", extra={"offset": message.offset})
+                    applied[message.tp] = max(applied.get(message.tp, -1), message.offset + 1)
                 engine.end_batch()
-                # Offsets are acknowledged when this returns: the state they imply must be on the broker.
+                # The offsets are committed only once the state they imply is on the broker.
                 await self.table.acknowledged()
+                await self.commit(applied)
 
         health_tick = max(0.01, min(1.0, settings.unhealthy_interval / 2, settings.monitor_interval / 2))
 
@@ -237,6 +245,13 @@ class Monitor:
         @app.page("/monitor/sagas/stuck")
         async def stuck(view: View, request: Request) -> Response:
             return view.json(stuck_document(self.sagas(), self.stats(), settings.monitor_saga_sla))
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        """Commit the audit offsets after a batch (partitions revoked meanwhile are left out by faust)."""
+        if offsets:
+            # faust's public commit() goes through the acknowledgements switched off above.
+            consumer = cast(FaustConsumer, self.app.consumer)
+            await consumer._commit_offsets(offsets)
 
     async def _guarded(self, work: Any) -> None:
         try:

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.topics import AUDIT
@@ -26,7 +27,7 @@ from tests.monitor.support import (
     publish_audit,
     running_monitor,
 )
-from tests.support import eventually
+from tests.support import committed_offsets, end_offsets, eventually
 
 INTERVAL = 1.0
 
@@ -163,3 +164,36 @@ async def test_the_log_probe_finds_a_published_alert_and_sees_what_is_left_to_re
             assert not await probe.caught_up(partition, -1)
         finally:
             await probe.close()
+
+
+async def test_offsets_are_committed_past_transaction_markers_and_aborted_records(
+    choreo_settings: ChoreoSettings,
+) -> None:
+    """The audit service writes transactionally: every commit marker (and an aborted batch) is an offset the
+    monitor never sees. Its committed offsets must still reach the end, and nothing pile up meanwhile."""
+    settings = monitor_settings(choreo_settings, monitor_targets={})
+    audit = settings.topic(AUDIT)
+    async with running_monitor(settings) as (monitor, _):
+        writer = producer(settings, transactional_id=f"{settings.topic_prefix}audit-writer")
+        await writer.start()
+        try:
+            for number in range(40):
+                opened = placed(f"O-{number}")
+                if number == 20:
+                    await writer.begin_transaction()
+                    await writer.send_and_wait(audit, placed("GHOST").to_bytes(), key=b"GHOST", partition=0)
+                    await writer.abort_transaction()
+                async with writer.transaction():
+                    for envelope in (opened, completed(opened)):
+                        await writer.send(audit, envelope.to_bytes(), key=envelope.key, partition=number % 2)
+        finally:
+            await writer.stop()
+        partitions = [TopicPartition(audit, p) for p in (0, 1)]
+        ends = await end_offsets(settings, partitions)
+
+        async def committed() -> dict[TopicPartition, int]:
+            return await committed_offsets(settings, monitor.app.conf.id, partitions)
+
+        assert await eventually(committed, lambda found: found == ends, timeout=30) == ends
+        consumer = monitor.app.consumer
+        assert not [tp for tp in getattr(consumer, "_acked", {}) if tp.topic == audit]

@@ -2,7 +2,9 @@
 
 Writes skip RocksDB's write-ahead log: the changelog is the backup, and a batch carries its own
 checkpoint, so a crash loses at most the latest batches and the restart replays them from the
-changelog (as Kafka Streams does). Every store in a process shares one block cache.
+changelog (as Kafka Streams does). All of a process's RocksDB memory stays within one cache, as
+Kafka Streams' bounded-memory recipe does: the block cache, the memtables (charged to it by a
+write buffer manager) and the index and filter blocks of every table file.
 """
 
 from __future__ import annotations
@@ -14,20 +16,28 @@ from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager, WriteOptions
 
 from services.common.state.backend import CHECKPOINT_KEY, Checkpoint
 
 log = logging.getLogger(__name__)
 
-BLOCK_CACHE_BYTES = 16 * 1024 * 1024
+# Everything RocksDB keeps in memory, for every store of the process together.
+MEMORY_BYTES = 32 * 1024 * 1024
+# Of that, what the memtables of all stores may take before the largest is flushed.
+MEMTABLE_BYTES = 8 * 1024 * 1024
 WRITE_BUFFER_BYTES = 2 * 1024 * 1024
 LOCK_FILE = "choreo.lock"
 
 
 @cache
 def _shared_block_cache() -> Cache:
-    return Cache(BLOCK_CACHE_BYTES)
+    return Cache(MEMORY_BYTES)
+
+
+@cache
+def _shared_write_buffers() -> WriteBufferManager:
+    return WriteBufferManager.new_write_buffer_manager_with_cache(MEMTABLE_BYTES, False, _shared_block_cache())
 
 
 def _options() -> Options:
@@ -35,7 +45,11 @@ def _options() -> Options:
     options.create_if_missing(True)
     table = BlockBasedOptions()
     table.set_block_cache(_shared_block_cache())
+    # Index and filter blocks would otherwise stay in memory outside the cache, one set per table file.
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
     options.set_block_based_table_factory(table)
+    options.set_write_buffer_manager(_shared_write_buffers())
     options.set_write_buffer_size(WRITE_BUFFER_BYTES)
     options.set_max_write_buffer_number(2)
     options.set_max_open_files(64)
