@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from services.common.logs import configure_logging
 from services.common.processor import StreamApp, TransactionalRunner
 from services.common.settings import ChoreoSettings
+from services.common.state.rocks import memory_in_use
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[
             "restore_seconds": round(runner.stats.restore_seconds, 3),
             "full_restores": runner.stats.full_restores,
             "expired_keys": runner.stats.expired_keys,
+            "rocksdb_memory_bytes": memory_in_use(),
         }
         return runner.ready, body
 

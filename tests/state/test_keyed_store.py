@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from services.common.state import Checkpoint, KeyedStore, MemoryBackend
 from services.common.state.backend import Backend
-from services.common.state.rocks import RocksBackend
+from services.common.state.rocks import MEMORY_BYTES, RocksBackend, memory_in_use
 from services.common.state.stores import DiskStores, restore_start
 
 DAY_MS = 86_400_000
@@ -224,3 +224,17 @@ def test_a_corrupt_store_is_wiped_and_opened_empty(tmp_path: Path) -> None:
     assert reopened.get("order:a", Doc) is None
     assert reopened.backend.checkpoint() is None
     stores.close(3, reopened)
+
+
+def test_rocksdb_memory_is_charged_to_one_capped_cache(tmp_path: Path) -> None:
+    # Given two task stores of one process, when both take writes beyond what one memtable holds
+    stores = [KeyedStore(RocksBackend(tmp_path / str(task))) for task in (0, 1)]
+    for store in stores:
+        for number in range(4000):
+            store.put(f"order:{number}", Doc(n=number))
+        store.commit()
+    # Then what RocksDB holds shows in the shared cache, memtables included, within its cap
+    used = memory_in_use()
+    for store in stores:
+        store.close()
+    assert 0 < used <= MEMORY_BYTES

@@ -40,6 +40,14 @@ def _shared_write_buffers() -> WriteBufferManager:
     return WriteBufferManager.new_write_buffer_manager_with_cache(MEMTABLE_BYTES, False, _shared_block_cache())
 
 
+def memory_in_use() -> int:
+    """Bytes RocksDB holds in this process's shared cache (memtables included); 0 before any store opened."""
+    if _shared_block_cache.cache_info().currsize == 0:
+        return 0
+    usage: int = _shared_block_cache().get_usage()
+    return usage
+
+
 def _options() -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
