@@ -88,13 +88,15 @@ async def end_offsets(settings: ChoreoSettings, partitions: list[TopicPartition]
 
 
 async def committed_offsets(
-    settings: ChoreoSettings, group: str, partitions: list[TopicPartition]
+    settings: ChoreoSettings, group: str, partitions: list[TopicPartition] | None = None
 ) -> dict[TopicPartition, int]:
-    """What `group` has committed for each of `partitions` (-1 where nothing)."""
+    """What `group` has committed for each of `partitions` (-1 where nothing), or for all it has committed."""
     admin = admin_client(settings)
     await admin.start()
     try:
         found = await admin.list_consumer_group_offsets(group)
     finally:
         await admin.close()
+    if partitions is None:
+        return {tp: meta.offset for tp, meta in found.items() if isinstance(tp, TopicPartition)}
     return {tp: found[tp].offset if tp in found else -1 for tp in partitions}

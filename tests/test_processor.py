@@ -6,15 +6,12 @@ import asyncio
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from aiokafka import TopicPartition
-
 from schemas.topics import AUDIT, AUDIT_STATE, ORDERS, Topic
-from services.common.kafka import admin_client
 from services.common.kafka import producer as make_producer
 from services.common.processor import Incoming, TaskContext, TransactionalRunner
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
-from tests.support import eventually, read_topic
+from tests.support import committed_offsets, eventually, read_topic
 
 RECORDS = 60
 
@@ -50,13 +47,7 @@ async def publish(settings: ChoreoSettings, count: int, *, pause_s: float = 0.0)
 
 
 async def committed_total(settings: ChoreoSettings, group: str) -> int:
-    admin = admin_client(settings)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return sum(meta.offset for tp, meta in offsets.items() if isinstance(tp, TopicPartition) and meta.offset > 0)
+    return sum(offset for offset in (await committed_offsets(settings, group)).values() if offset > 0)
 
 
 async def test_a_commit_interval_carries_many_records_in_one_transaction(choreo_settings: ChoreoSettings) -> None:
