@@ -98,6 +98,9 @@ RESTART_BACKOFF_MAX_S = 4.0
 HEALTHY_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 120.0
 
+# The saga services' order horizon in a fault run (see Profile.order_retention_s).
+DEFAULT_ORDER_RETENTION_S = 60.0
+
 KINDS = (PLAIN, UNKNOWN_SKU, SCARCE, NO_CREDIT, ANTARCTICA, LARGE, LARGE_GRANTED, LARGE_DENIED)
 WEIGHTS = (50, 8, 5, 8, 8, 5, 8, 8)
 CANCEL_SHARE = 0.12
@@ -116,12 +119,12 @@ class Profile:
     # The order retention horizon of every saga service. Far shorter than the run, so finished orders
     # expire while faults go on; far longer than any client message trails its order (a duplicate is
     # at most DUPLICATE_DELAY_S late, plus the longest recovery), so no input arrives after its horizon.
-    order_retention_s: float = 60.0
+    order_retention_s: float = DEFAULT_ORDER_RETENTION_S
 
     @classmethod
     def chosen(cls) -> Profile:
         wanted = os.environ.get("CHOREO_FAULTS", "").strip().lower() or "reduced"
-        horizon = float(os.environ.get("CHOREO_FAULTS_ORDER_RETENTION", "60"))
+        horizon = float(os.environ.get("CHOREO_FAULTS_ORDER_RETENTION", DEFAULT_ORDER_RETENTION_S))
         if wanted == "full":
             return cls("full", rate=4.0, rounds=3, gap_s=(2.0, 6.0), kill_together=1, timeout_s=3600,
                        order_retention_s=horizon)  # fmt: skip

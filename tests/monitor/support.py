@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaProducer
 
 from schemas.envelope import Envelope
 from schemas.topics import AUDIT, MONITOR_ALERTS
@@ -108,6 +109,24 @@ async def publish_audit(settings: ChoreoSettings, envelopes: Sequence[Envelope],
             )
     finally:
         await sender.stop()
+
+
+@asynccontextmanager
+async def audit_writer(settings: ChoreoSettings, name: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A transactional producer, as the audit service writes `audit`."""
+    writer = producer(settings, transactional_id=f"{settings.topic_prefix}{name}")
+    await writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.stop()
+
+
+async def write_aborted(writer: AIOKafkaProducer, settings: ChoreoSettings, envelope: Envelope, partition: int) -> None:
+    """`envelope` on `audit` in a transaction that is aborted: a read_committed consumer never sees it."""
+    await writer.begin_transaction()
+    await writer.send_and_wait(settings.topic(AUDIT), envelope.to_bytes(), key=envelope.key, partition=partition)
+    await writer.abort_transaction()
 
 
 async def alerts(settings: ChoreoSettings) -> list[Envelope]:

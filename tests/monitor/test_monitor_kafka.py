@@ -14,7 +14,6 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.topics import AUDIT
 from services.cli.monitor_cmd import add_monitor_commands
-from services.common.kafka import producer
 from services.common.settings import ChoreoSettings
 from services.monitor import app as monitor_app
 from services.monitor.domain import PendingAlert
@@ -23,9 +22,11 @@ from tests.monitor.factories import completed, placed, saga
 from tests.monitor.support import (
     ControlledService,
     alerts,
+    audit_writer,
     monitor_settings,
     publish_audit,
     running_monitor,
+    write_aborted,
 )
 from tests.support import committed_offsets, end_offsets, eventually, read_topic
 
@@ -124,19 +125,13 @@ async def test_events_of_an_aborted_audit_transaction_are_not_followed(
     settings = monitor_settings(choreo_settings, monitor_targets={})
     audit = settings.topic(AUDIT)
     async with running_monitor(settings) as (monitor, _):
-        writer = producer(settings, transactional_id=f"{settings.topic_prefix}aborting-writer")
-        await writer.start()
-        try:
+        async with audit_writer(settings, "aborting-writer") as writer:
             # One partition, so the monitor reads them in this order.
-            await writer.begin_transaction()
-            await writer.send_and_wait(audit, placed("GHOST").to_bytes(), key=b"GHOST", partition=0)
-            await writer.abort_transaction()
+            await write_aborted(writer, settings, placed("GHOST"), partition=0)
             async with writer.transaction():
                 await writer.send(audit, placed("REAL").to_bytes(), key=b"REAL", partition=0)
             async with writer.transaction():
                 await writer.send(audit, placed("LAST").to_bytes(), key=b"LAST", partition=0)
-        finally:
-            await writer.stop()
 
         async def followed() -> set[str]:
             return {saga.order_id for saga in monitor.sagas()}
@@ -174,24 +169,18 @@ async def test_offsets_are_committed_past_transaction_markers_and_aborted_record
     settings = monitor_settings(choreo_settings, monitor_targets={})
     audit = settings.topic(AUDIT)
     async with running_monitor(settings) as (monitor, _):
-        writer = producer(settings, transactional_id=f"{settings.topic_prefix}audit-writer")
-        await writer.start()
-        try:
+        async with audit_writer(settings, "audit-writer") as writer:
             for number in range(40):
                 opened = placed(f"O-{number}")
                 if number == 20:
-                    await writer.begin_transaction()
-                    await writer.send_and_wait(audit, placed("GHOST").to_bytes(), key=b"GHOST", partition=0)
-                    await writer.abort_transaction()
+                    await write_aborted(writer, settings, placed("GHOST"), partition=0)
                 async with writer.transaction():
                     for envelope in (opened, completed(opened)):
                         await writer.send(audit, envelope.to_bytes(), key=envelope.key, partition=number % 2)
-        finally:
-            await writer.stop()
         partitions = [TopicPartition(audit, p) for p in (0, 1)]
         # Past the last record of each partition: only that record's own commit marker lies beyond.
-        last = {tp: max(r.offset for r in await read_topic(settings, AUDIT) if r.partition == tp.partition) + 1
-                for tp in partitions}  # fmt: skip
+        records = await read_topic(settings, AUDIT)
+        last = {tp: max(r.offset for r in records if r.partition == tp.partition) + 1 for tp in partitions}
         assert all(last[tp] < end for tp, end in (await end_offsets(settings, partitions)).items())
 
         async def committed() -> dict[TopicPartition, int]:
