@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -88,6 +89,8 @@ HEALTH_TIMEOUT_S = 2.0
 MONITOR_INTERVAL_S = 10.0
 # The share of the steady samples (after the warm-up) whose median is the start, and the end, figure.
 EDGE_SHARE = 0.10
+# A RocksDB cache this full of its limit counts as filled: the default warm-up lasts until every one is.
+CACHE_FULL_SHARE = 0.9
 BROKER = "broker (jvm)"
 
 
@@ -215,6 +218,8 @@ class Sample:
     rss_mb: dict[str, float]
     disk_bytes: dict[str, int]  # per topic, named without the prefix: what its files take on disk
     segment_bytes: dict[str, int]  # the sizes of its log segments
+    rocks_mb: dict[str, float] = field(default_factory=dict)  # what each service's RocksDB cache holds
+    rocks_limit_mb: dict[str, float] = field(default_factory=dict)  # and its limit
 
 
 @dataclass
@@ -250,6 +255,11 @@ class RssFigures:
     min_mb: float
     max_mb: float
     restarts: int
+    span: str  # which of a restarted service's processes the figures are of
+    rocks_start_mb: float | None = None  # its RocksDB cache, at the start and the end
+    rocks_end_mb: float | None = None
+    rocks_limit_mb: float | None = None
+    rest_change_pct: float | None = None  # the change of RSS less the RocksDB cache
 
 
 @dataclass
@@ -289,6 +299,7 @@ class Report:
     planned_duration_s: float | None = None
     planned_orders: int | None = None
     warmup_s: float = math.nan
+    warmup_rule: str = ""
     history_before: int = 0  # orders placed before the steady phase (warm-up and sweep)
     steady_s: float = math.nan
     placed: int = 0
@@ -315,11 +326,49 @@ def rss_figures(report: Report, restarts: dict[str, int]) -> list[RssFigures]:
     steady = steady_samples(report)
     figures = []
     for name in dict.fromkeys(name for sample in steady for name in sample.rss_mb):
-        values = [sample.rss_mb[name] for sample in steady if name in sample.rss_mb]
+        samples, span = longest_process(report, name, [sample for sample in steady if name in sample.rss_mb])
+        values = [sample.rss_mb[name] for sample in samples]
         start, end = edges(values)
-        change = (end - start) / start * 100 if start else math.nan
-        figures.append(RssFigures(name, start, end, change, min(values), max(values), restarts.get(name, 0)))
+        found = RssFigures(name, start, end, percent(start, end), min(values), max(values), restarts.get(name, 0), span)
+        if all(name in sample.rocks_mb for sample in samples):
+            rocks_start, rocks_end = edges([sample.rocks_mb[name] for sample in samples])
+            found.rocks_start_mb, found.rocks_end_mb = rocks_start, rocks_end
+            found.rocks_limit_mb = samples[-1].rocks_limit_mb.get(name)
+            found.rest_change_pct = percent(start - rocks_start, end - rocks_end)
+        figures.append(found)
     return figures
+
+
+def percent(start: float, end: float) -> float:
+    return (end - start) / start * 100 if start else math.nan
+
+
+def longest_process(report: Report, name: str, samples: list[Sample]) -> tuple[list[Sample], str]:
+    """Of a restarted service, the samples of its process that ran longest in the steady phase after
+    the warm-up: a new process starts with empty caches, and would hide or feign growth."""
+    cuts = [restart.at_s for restart in report.restarts if restart.service == name]
+    if not cuts:
+        return samples, "the whole steady phase"
+    bounds = [-math.inf, *cuts, math.inf]
+    spans = [[s for s in samples if low < s.at_s <= high] for low, high in itertools.pairwise(bounds)]
+    number, longest = max(enumerate(spans), key=lambda found: len(found[1]))
+    if not longest:
+        return samples, "the whole steady phase"
+    return longest, f"process {number + 1} of {len(spans)}, {longest[0].at_s:.0f}-{longest[-1].at_s:.0f} s"
+
+
+def caches_filled_at(report: Report, earliest_s: float, latest_s: float) -> float:
+    """The first sample time from `earliest_s` at which every RocksDB cache holds CACHE_FULL_SHARE
+    of its limit; `latest_s` if none does before it."""
+    for sample in report.samples:
+        if sample.at_s < earliest_s or not sample.rocks_limit_mb:
+            continue
+        if sample.at_s >= latest_s:
+            break
+        limits = sample.rocks_limit_mb.items()
+        if all(sample.rocks_mb.get(name, 0) >= CACHE_FULL_SHARE * limit for name, limit in limits):
+            return sample.at_s
+    return latest_s
 
 
 def steady_samples(report: Report) -> list[Sample]:
@@ -395,6 +444,7 @@ class Soak:
         self.pids: dict[str, int] = {}
         self.stack: Stack | None = None
         self.keys: LiveKeys | None = None
+        self.rocks_mb: dict[str, tuple[float, float]] = {}  # per service, from /health: (in use, limit)
 
     # Bookkeeping of the orders -------------------------------------------------------------------
 
@@ -464,6 +514,8 @@ class Soak:
             rss_mb=rss,
             disk_bytes={topic: usage.disk_bytes for topic, usage in usage_by_topic.items()},
             segment_bytes={topic: usage.segment_bytes for topic, usage in usage_by_topic.items()},
+            rocks_mb={name: used for name, (used, _limit) in self.rocks_mb.items() if name in rss},
+            rocks_limit_mb={name: limit for name, (_used, limit) in self.rocks_mb.items() if name in rss},
         )
         self.report.samples.append(sample)
         return sample
@@ -485,10 +537,27 @@ class Soak:
         self.report.keys_samples.append(sample)
         return sample
 
-    async def sample_loop(self, stop: asyncio.Event) -> None:
+    async def read_rocks(self, client: httpx.AsyncClient) -> None:
+        """What each service's RocksDB cache holds, as its /health reports it."""
+        stack = self.stack
+        assert stack is not None
+        for name, member in stack.members.items():
+            if name in stack.restarting:
+                continue
+            try:
+                body = (await client.get(member.health_url)).json()
+            except (httpx.HTTPError, ValueError):
+                self.rocks_mb.pop(name, None)
+                continue
+            used, limit = find_number(body, "rocksdb_memory_bytes"), find_number(body, "rocksdb_memory_limit_bytes")
+            if used is not None and limit:
+                self.rocks_mb[name] = (round(used / 2**20, 1), round(limit / 2**20, 1))
+
+    async def sample_loop(self, stop: asyncio.Event, client: httpx.AsyncClient) -> None:
         while not stop.is_set():
             assert self.stack is not None
             self.stack.check()
+            await self.read_rocks(client)
             self.take_sample()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.args.sample_s)
@@ -561,12 +630,13 @@ class Soak:
         stop = asyncio.Event()
         self.began = time.monotonic()
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.sample_loop(stop))
+            group.create_task(self.sample_loop(stop, client))
             group.create_task(self.keys_loop(stop))
             restarting = group.create_task(self.restart_loop(stop, client))
             try:
                 await self.publish(offer, rate, until_s)
                 # The steady phase's last figures as it ends, not up to a sampling period before.
+                await self.read_rocks(client)
                 self.take_sample()
                 self.progress(await self.count_keys())
             finally:
@@ -648,6 +718,8 @@ async def soak_stack(soak: Soak, run_dir: Path) -> None:
             report.warmup_s,
         )
         await soak.steady(offer, client, rate, until_s)
+        if args.warmup_s is None:
+            report.warmup_s = caches_filled_at(report, report.warmup_s, report.steady_s / 3)
         report.drained = await soak.drain(watcher)
         # One last look after the drain, outside the steady phase's figures.
         soak.take_sample()
@@ -668,8 +740,16 @@ def plan_duration(args: argparse.Namespace, report: Report, rate: float) -> floa
         until_s = DEFAULT_DURATION_S
     report.planned_duration_s = until_s
     expected_s = min(until_s, args.orders / rate) if args.orders is not None else until_s
-    # State grows until the first horizon has passed; the start figures are taken after that.
-    report.warmup_s = args.warmup_s if args.warmup_s is not None else min(2 * args.horizon, expected_s / 4)
+    # State grows until the first horizon has passed, and each RocksDB cache until it is full (which
+    # the steady phase extends this to); the start figures are taken after that.
+    if args.warmup_s is not None:
+        report.warmup_s, report.warmup_rule = args.warmup_s, "given"
+    else:
+        report.warmup_s = min(2 * args.horizon, expected_s / 4)
+        report.warmup_rule = (
+            f"at least two horizons, until every RocksDB cache holds {CACHE_FULL_SHARE:.0%} of its limit,"
+            " at most a third of the steady phase"
+        )
     return until_s
 
 
@@ -760,7 +840,8 @@ def render(report: Report) -> str:
         f" {report.state_store or 'as the services default'}",
         f"  rate           {fmt(report.rate_per_s, '.1f')} sagas/s offered ({report.rate_source});"
         f" {fmt(report.placed / report.steady_s if report.steady_s else None, '.1f')}/s achieved by the publisher",
-        f"  steady phase   {fmt(report.steady_s)} s, warm-up {fmt(report.warmup_s)} s (left out of the start figures);"
+        f"  steady phase   {fmt(report.steady_s)} s, warm-up {fmt(report.warmup_s)} s ({report.warmup_rule};"
+        " left out of the start figures);"
         f" {report.placed} orders placed, {report.ended} ended ({report.completed} completed,"
         f" {report.ended - report.completed} compensated), unexpected outcomes {report.unexpected_outcomes},"
         f" drained {'yes' if report.drained else 'no'}",
@@ -777,16 +858,19 @@ def render(report: Report) -> str:
         )
     lines += [
         "",
-        f"  {'RSS (MB)':<16}{'start':>9}{'end':>9}{'change':>9}{'min':>9}{'max':>9}{'restarts':>10}",
+        f"  {'RSS (MB)':<16}{'start':>9}{'end':>9}{'change':>9}{'min':>9}{'max':>9}{'restarts':>10}"
+        f"{'RocksDB start':>15}{'end':>7}{'limit':>7}{'RSS less RocksDB':>18}   span",
     ]
     for rss in report.rss:
         lines.append(
             f"  {rss.name:<16}{rss.start_mb:>9.1f}{rss.end_mb:>9.1f}{fmt(rss.change_pct, '+.1f'):>8}%"
-            f"{rss.min_mb:>9.1f}{rss.max_mb:>9.1f}{rss.restarts:>10}"
+            f"{rss.min_mb:>9.1f}{rss.max_mb:>9.1f}{rss.restarts:>10}{fmt(rss.rocks_start_mb, '.1f'):>15}"
+            f"{fmt(rss.rocks_end_mb, '.1f'):>7}{fmt(rss.rocks_limit_mb, '.0f'):>7}"
+            f"{fmt(rss.rest_change_pct, '+.1f'):>17}%   {rss.span}"
         )
     lines.append(
-        f"  (start, end: medians of the first and last {EDGE_SHARE:.0%} of the samples after the warm-up;"
-        " a restarted service's end is its new process)"
+        f"  (start, end: medians of the first and last {EDGE_SHARE:.0%} of the samples after the warm-up, of the"
+        " process that ran longest; RocksDB: its cache as /health reports it, memtables included)"
     )
     lines += [
         "",
@@ -855,11 +939,14 @@ def plot(report: Report, path: Path) -> None:
     for name in dict.fromkeys(name for sample in report.samples for name in sample.rss_mb):
         points = [(s.at_s / 60, s.rss_mb[name]) for s in report.samples if name in s.rss_mb]
         axes, style = (broker_axes, "--") if name == BROKER else (rss_axes, "-")
-        axes.plot([x for x, _ in points], [y for _, y in points], style, color="black" if axes is broker_axes else None,
-                  label=name)  # fmt: skip
+        (line,) = axes.plot([x for x, _ in points], [y for _, y in points], style,
+                            color="black" if axes is broker_axes else None, label=name)  # fmt: skip
+        cache = [(s.at_s / 60, s.rocks_mb[name]) for s in report.samples if name in s.rocks_mb]
+        if cache:
+            rss_axes.plot([x for x, _ in cache], [y for _, y in cache], ":", color=line.get_color(), linewidth=1)
     for restart in report.restarts:
         rss_axes.axvline(restart.at_s / 60, linestyle=":", color="grey")
-    rss_axes.set_title(f"RSS per process ({BROKER} dashed, right scale; dotted: a restart)")
+    rss_axes.set_title(f"RSS per process ({BROKER} dashed, right scale); fine dots: its RocksDB cache; grey: a restart")
     rss_axes.set_ylabel("MB")
     broker_axes.set_ylabel(f"MB, {BROKER}")
     broker_axes.legend(fontsize="small", loc="lower right")
@@ -966,7 +1053,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--broker-data-dir", type=Path, default=None, metavar="PATH", help="log.dirs of a --bootstrap broker"
     )
     parser.add_argument("--partitions", type=int, default=ChoreoSettings().partitions, help="per topic (default 6)")
-    parser.add_argument("--warmup-s", type=float, default=None, help="default: 2 horizons, at most 1/4 of the run")
+    parser.add_argument(
+        "--warmup-s",
+        type=float,
+        default=None,
+        help="default: 2 horizons (at most 1/4 of the run), then until the RocksDB caches are full (at most 1/3)",
+    )
     parser.add_argument("--sample-s", type=positive, default=10.0, help="seconds between RSS and disk samples")
     parser.add_argument("--keys-every-s", type=positive, default=60.0, help="seconds between changelog counts")
     parser.add_argument("--ready-timeout", type=positive, default=180.0, help="seconds for a service's /health")

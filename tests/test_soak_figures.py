@@ -9,7 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks.broker_figures import LiveKeys, key_kind, topic_disk_usage
-from benchmarks.soak import edges, find_number, restart_points
+from benchmarks.soak import (
+    Report,
+    RestartFigures,
+    Sample,
+    caches_filled_at,
+    edges,
+    find_number,
+    restart_points,
+    rss_figures,
+)
 from services.common.settings import ChoreoSettings
 
 
@@ -74,3 +83,44 @@ def test_restart_points_parse_sorted_and_empty() -> None:
     assert restart_points("") == []
     with pytest.raises(argparse.ArgumentTypeError):
         restart_points("10k")
+
+
+def sample(at_s: float, rss: float, rocks: float | None = None, limit: float = 32.0) -> Sample:
+    cache = {} if rocks is None else {"inventory": rocks}
+    limits = {} if rocks is None else {"inventory": limit}
+    return Sample(at_s, 0, 0, 0, 0, {"inventory": rss}, {}, {}, rocks_mb=cache, rocks_limit_mb=limits)
+
+
+def soak_report(samples: list[Sample], warmup_s: float = 0.0) -> Report:
+    report = Report("b", True, 6, {}, {}, 60.0, "disk", warmup_s=warmup_s, steady_s=samples[-1].at_s)
+    report.samples = samples
+    return report
+
+
+def test_the_warm_up_lasts_until_every_rocksdb_cache_is_nearly_full() -> None:
+    report = soak_report([sample(t, 80, rocks=t / 10) for t in range(0, 400, 10)])
+    assert caches_filled_at(report, earliest_s=120, latest_s=1000) == 290  # 29 MB >= 90 % of 32
+    assert caches_filled_at(report, earliest_s=350, latest_s=1000) == 350
+    assert caches_filled_at(report, earliest_s=120, latest_s=200) == 200  # never before the cap
+
+
+def test_rss_figures_set_the_rocksdb_cache_apart() -> None:
+    # A service whose cache fills from 10 to 30 MB while everything else stays at 50 MB
+    samples = [sample(t, 60 + 20 * t / 190, rocks=10 + 20 * t / 190) for t in range(0, 200, 10)]
+    (figures,) = rss_figures(soak_report(samples), {})
+    start, end = 60 + 20 * 5 / 190, 60 + 20 * 185 / 190  # medians of the first and the last two samples
+    assert figures.change_pct == pytest.approx(100 * (end - start) / start)
+    assert figures.rocks_start_mb == pytest.approx(start - 50)
+    assert figures.rest_change_pct == pytest.approx(0.0, abs=0.01)
+    assert figures.span == "the whole steady phase"
+
+
+def test_a_restarted_service_is_measured_over_its_longest_running_process() -> None:
+    before = [sample(t, 100) for t in range(0, 300, 10)]
+    after = [sample(t, 60) for t in range(300, 400, 10)]
+    report = soak_report(before + after)
+    report.restarts = [RestartFigures("inventory", 1, 1, 295.0, 1.0, 1.0, None, None, None)]
+    (figures,) = rss_figures(report, {"inventory": 1})
+    assert (figures.start_mb, figures.end_mb) == (100, 100)
+    assert figures.span == "process 1 of 2, 0-290 s"
+    assert figures.rocks_start_mb is None

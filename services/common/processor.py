@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.topics import DEAD_LETTER, Topic, topic_of
+from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import producer as make_producer
@@ -44,6 +45,7 @@ from services.common.kafka import topic_config
 from services.common.settings import ChoreoSettings
 from services.common.stack import run_dir
 from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
+from services.common.state.rocks import RocksMemory
 from services.common.state.stores import StoreFactory, restore_start, store_factory
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,7 @@ class TransactionalRunner:
         tick_interval: float = 1.0,
         max_batch: int = 2000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        heap: HeapTrimmer | None = None,
     ) -> None:
         self.settings = settings
         self.app = app
@@ -220,7 +223,7 @@ class TransactionalRunner:
         # Unique per process start: a restarted or second instance never shares ids with this one.
         self._incarnation = uuid.uuid4().hex[:12]
         self._store_factory: StoreFactory = store_factory(
-            settings.state_store, state_root(settings) / self.group_id, self._incarnation
+            settings.state_store, state_root(settings) / self.group_id, self._incarnation, int(settings.state_memory)
         )
         self._assignments = 0
         self._positions: dict[TopicPartition, int] = {}
@@ -235,6 +238,7 @@ class TransactionalRunner:
         self._assigned = asyncio.Event()
         self._last_tick = 0.0
         self._failure: Exception | None = None
+        self.heap = heap if heap is not None else HeapTrimmer(glibc_malloc_trim())
 
     @property
     def ready(self) -> bool:
@@ -250,6 +254,10 @@ class TransactionalRunner:
 
     def store(self, partition: int) -> KeyedStore:
         return self._stores[partition]
+
+    @property
+    def rocks_memory(self) -> RocksMemory | None:
+        return self._store_factory.rocks_memory
 
     async def run(self) -> None:
         consumer = make_consumer(
@@ -278,6 +286,7 @@ class TransactionalRunner:
                 batch = await consumer.getmany(timeout_ms=max(0, int(wait * 1000)))
                 async with self._work_lock:
                     await self._process(batch)
+                self.heap.trim_if_due()
             if self._failure is None:
                 async with self._work_lock:
                     if self._producer is not None:

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 from services.common.logs import configure_logging
 from services.common.processor import StreamApp, TransactionalRunner
 from services.common.settings import ChoreoSettings
-from services.common.state.rocks import memory_in_use
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,12 @@ def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[
             "restore_seconds": round(runner.stats.restore_seconds, 3),
             "full_restores": runner.stats.full_restores,
             "expired_keys": runner.stats.expired_keys,
-            "rocksdb_memory_bytes": memory_in_use(),
+            "heap_trims": runner.heap.trims,
+            "heap_trim_seconds": round(runner.heap.seconds, 3),
         }
+        memory = runner.rocks_memory
+        if memory is not None:
+            body |= {"rocksdb_memory_bytes": memory.in_use(), "rocksdb_memory_limit_bytes": memory.limit_bytes}
         return runner.ready, body
 
     return report

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic import BeforeValidator, ByteSize, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import Topic
@@ -26,6 +26,10 @@ def _seconds_or_iso(raw: Any) -> Any:
 
 Duration = Annotated[timedelta, BeforeValidator(_seconds_or_iso)]
 """A duration setting: seconds (`90`, `0.5`) or ISO 8601 (`PT24H`)."""
+
+# RocksDB reads its table files through the OS page cache, outside the process's memory; its own
+# cache holds the memtables, the index and filter blocks and the hottest data blocks.
+DEFAULT_STATE_MEMORY_BYTES = 16 * 1024 * 1024
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "secret", "password", ""})
 
@@ -83,6 +87,12 @@ class ChoreoSettings(BaseSettings):
     )
     state_store: Literal["disk", "memory"] = Field(
         default="disk", description="`disk` (RocksDB, memory capped) or `memory` (a dict; for unit tests)."
+    )
+    state_memory: ByteSize = Field(
+        default=ByteSize(DEFAULT_STATE_MEMORY_BYTES),
+        ge=4 * 1024 * 1024,
+        description="Memory a service's RocksDB stores share (block cache, index and filter blocks, memtables), "
+        "for example `64MiB`; the cache fills to it and stays there.",
     )
 
     security_protocol: SecurityProtocol = "PLAINTEXT"

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from services.common.state import Checkpoint, KeyedStore, MemoryBackend
 from services.common.state.backend import Backend
-from services.common.state.rocks import MEMORY_BYTES, RocksBackend, memory_in_use
+from services.common.state.rocks import RocksBackend, RocksMemory
 from services.common.state.stores import DiskStores, restore_start
 
 DAY_MS = 86_400_000
@@ -23,7 +23,7 @@ class Doc(BaseModel):
 
 @pytest.fixture(params=["memory", "rocksdb"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    opened: Backend = MemoryBackend() if request.param == "memory" else RocksBackend(tmp_path / "store")
+    opened: Backend = MemoryBackend() if request.param == "memory" else RocksBackend(tmp_path / "store", RocksMemory())
     yield opened
     if isinstance(opened, RocksBackend):
         opened.close()
@@ -84,14 +84,14 @@ def test_a_rollback_forgets_the_open_transaction_and_keeps_what_was_committed(ba
 
 def test_a_crash_inside_a_transaction_leaves_nothing_of_it_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "store"
-    store = KeyedStore(RocksBackend(path))
+    store = KeyedStore(RocksBackend(path, RocksMemory()))
     store.put("order:a", Doc(n=1))
     store.commit(Checkpoint(5, 0))
     store.put("order:a", Doc(n=99))
     store.put("order:b", Doc(n=99))
     store.backend.close()  # the process dies with the transaction open: only the backend survives
 
-    reopened = KeyedStore(RocksBackend(path))
+    reopened = KeyedStore(RocksBackend(path, RocksMemory()))
     assert reopened.get("order:a", Doc) == Doc(n=1)
     assert reopened.get("order:b", Doc) is None
     assert reopened.backend.checkpoint() == Checkpoint(5, 0)
@@ -226,15 +226,24 @@ def test_a_corrupt_store_is_wiped_and_opened_empty(tmp_path: Path) -> None:
     stores.close(3, reopened)
 
 
-def test_rocksdb_memory_is_charged_to_one_capped_cache(tmp_path: Path) -> None:
-    # Given two task stores of one process, when both take writes beyond what one memtable holds
-    stores = [KeyedStore(RocksBackend(tmp_path / str(task))) for task in (0, 1)]
+class Padded(BaseModel):
+    n: int
+    padding: str
+
+
+def test_rocksdb_memory_of_all_stores_fills_one_capped_cache(tmp_path: Path) -> None:
+    # Given two task stores sharing a 4 MiB budget, when they take and read back far more than that
+    memory = RocksMemory(4 * 1024 * 1024)
+    stores = [KeyedStore(RocksBackend(tmp_path / str(task), memory)) for task in (0, 1)]
     for store in stores:
-        for number in range(4000):
-            store.put(f"order:{number}", Doc(n=number))
-        store.commit()
-    # Then what RocksDB holds shows in the shared cache, memtables included, within its cap
-    used = memory_in_use()
+        for batch in range(10):
+            for number in range(batch * 1000, (batch + 1) * 1000):
+                store.put(f"order:{number}", Padded(n=number, padding="x" * 500))
+            store.commit()
+    read_back = [store.get(f"order:{number}", Padded) for store in stores for number in range(0, 10_000, 7)]
+    # Then what RocksDB holds, memtables and read blocks, fills the shared cache up to its cap and no further
+    used = memory.in_use()
     for store in stores:
         store.close()
-    assert 0 < used <= MEMORY_BYTES
+    assert all(found is not None for found in read_back)
+    assert memory.limit_bytes / 2 < used <= memory.limit_bytes

@@ -13,55 +13,55 @@ import fcntl
 import logging
 import shutil
 from collections.abc import Iterator, Mapping
-from functools import cache
 from pathlib import Path
 
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager, WriteOptions
 
+from services.common.settings import DEFAULT_STATE_MEMORY_BYTES
 from services.common.state.backend import CHECKPOINT_KEY, Checkpoint
 
 log = logging.getLogger(__name__)
 
-# Everything RocksDB keeps in memory, for every store of the process together.
-MEMORY_BYTES = 32 * 1024 * 1024
-# Of that, what the memtables of all stores may take before the largest is flushed.
-MEMTABLE_BYTES = 8 * 1024 * 1024
+# Of the memory budget, the share the memtables of all stores may take before the largest is flushed.
+MEMTABLE_SHARE = 4
 WRITE_BUFFER_BYTES = 2 * 1024 * 1024
 LOCK_FILE = "choreo.lock"
 
 
-@cache
-def _shared_block_cache() -> Cache:
-    return Cache(MEMORY_BYTES)
+class RocksMemory:
+    """Everything RocksDB keeps in memory for the stores sharing it: one LRU cache of `limit_bytes`
+    holding the data, index and filter blocks, with the memtables charged to it.
 
+    A cache fills to its limit and stays there: blocks of table files that compaction has replaced
+    leave it only as newer blocks push them out.
+    """
 
-@cache
-def _shared_write_buffers() -> WriteBufferManager:
-    return WriteBufferManager.new_write_buffer_manager_with_cache(MEMTABLE_BYTES, False, _shared_block_cache())
+    def __init__(self, limit_bytes: int = DEFAULT_STATE_MEMORY_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self._cache = Cache(limit_bytes)
+        self._write_buffers = WriteBufferManager.new_write_buffer_manager_with_cache(
+            limit_bytes // MEMTABLE_SHARE, False, self._cache
+        )
 
+    def in_use(self) -> int:
+        """Bytes held in the cache, memtables included."""
+        usage: int = self._cache.get_usage()
+        return usage
 
-def memory_in_use() -> int:
-    """Bytes RocksDB holds in this process's shared cache (memtables included); 0 before any store opened."""
-    if _shared_block_cache.cache_info().currsize == 0:
-        return 0
-    usage: int = _shared_block_cache().get_usage()
-    return usage
-
-
-def _options() -> Options:
-    options = Options(raw_mode=True)
-    options.create_if_missing(True)
-    table = BlockBasedOptions()
-    table.set_block_cache(_shared_block_cache())
-    # Index and filter blocks would otherwise stay in memory outside the cache, one set per table file.
-    table.set_cache_index_and_filter_blocks(True)
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-    options.set_block_based_table_factory(table)
-    options.set_write_buffer_manager(_shared_write_buffers())
-    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
-    options.set_max_write_buffer_number(2)
-    options.set_max_open_files(64)
-    return options
+    def options(self) -> Options:
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        table = BlockBasedOptions()
+        table.set_block_cache(self._cache)
+        # Index and filter blocks would otherwise stay in memory outside the cache, one set per table file.
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        options.set_block_based_table_factory(table)
+        options.set_write_buffer_manager(self._write_buffers)
+        options.set_write_buffer_size(min(WRITE_BUFFER_BYTES, self.limit_bytes // MEMTABLE_SHARE // 2))
+        options.set_max_write_buffer_number(2)
+        options.set_max_open_files(64)
+        return options
 
 
 class StoreLockedError(RuntimeError):
@@ -69,7 +69,7 @@ class StoreLockedError(RuntimeError):
 
 
 class RocksBackend:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memory: RocksMemory) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         # Our own lock, taken before RocksDB's: it tells a folder in use by another process (a
@@ -81,7 +81,7 @@ class RocksBackend:
             self._lock.close()
             raise StoreLockedError(f"{path} is in use by another process") from error
         try:
-            self._db = Rdict(str(path / "db"), _options())
+            self._db = Rdict(str(path / "db"), memory.options())
         except Exception:
             self._release_lock()
             raise
@@ -130,19 +130,19 @@ class RocksBackend:
         self._lock.close()
 
 
-def open_rocks(path: Path, scratch: Path) -> RocksBackend:
+def open_rocks(path: Path, scratch: Path, memory: RocksMemory) -> RocksBackend:
     """The task's store at `path`; a fresh one at `scratch` when another process holds `path`;
     `path` wiped and created anew when it cannot be opened (the changelog restores it)."""
     try:
-        return RocksBackend(path)
+        return RocksBackend(path, memory)
     except StoreLockedError:
         log.warning("task store in use by another process; restoring into a scratch store", extra={"path": str(path)})
         wipe(scratch)
-        return RocksBackend(scratch)
+        return RocksBackend(scratch, memory)
     except Exception as error:  # corrupt or unreadable: the changelog has everything
         log.warning("task store unusable; restoring it in full", extra={"path": str(path), "error": repr(error)})
         wipe(path)
-        return RocksBackend(path)
+        return RocksBackend(path, memory)
 
 
 def wipe(path: Path) -> None:

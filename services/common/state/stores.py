@@ -7,7 +7,7 @@ from typing import Protocol
 
 from services.common.state.backend import Checkpoint
 from services.common.state.keyed import KeyedStore
-from services.common.state.rocks import RocksBackend, open_rocks, wipe
+from services.common.state.rocks import RocksBackend, RocksMemory, open_rocks, wipe
 
 
 class StoreFactory(Protocol):
@@ -18,6 +18,11 @@ class StoreFactory(Protocol):
         ...
 
     def close(self, partition: int, store: KeyedStore) -> None: ...
+
+    @property
+    def rocks_memory(self) -> RocksMemory | None:
+        """The memory budget the stores share, if they are RocksDB stores."""
+        ...
 
 
 class MemoryStores:
@@ -32,28 +37,37 @@ class MemoryStores:
     def close(self, partition: int, store: KeyedStore) -> None:
         store.close()
 
+    @property
+    def rocks_memory(self) -> RocksMemory | None:
+        return None
+
 
 class DiskStores:
     """One RocksDB per task at `<root>/<partition>`, kept across restarts so a restore is incremental.
 
     When another process on this machine still holds a task's folder (a second instance sharing the
     state folder, or a stalled one), the task restores into a scratch folder of this process instead,
-    deleted when the task is released.
+    deleted when the task is released. All of them share one memory budget.
     """
 
-    def __init__(self, root: Path, incarnation: str) -> None:
+    def __init__(self, root: Path, incarnation: str, memory: RocksMemory | None = None) -> None:
         self.root = root
         self.incarnation = incarnation
+        self.memory = memory if memory is not None else RocksMemory()
+
+    @property
+    def rocks_memory(self) -> RocksMemory | None:
+        return self.memory
 
     def open(self, partition: int) -> KeyedStore:
-        return KeyedStore(open_rocks(self._path(partition), self._scratch(partition)))
+        return KeyedStore(open_rocks(self._path(partition), self._scratch(partition), self.memory))
 
     def reset(self, partition: int, store: KeyedStore) -> KeyedStore:
         backend = store.backend
         path = backend.path if isinstance(backend, RocksBackend) else self._path(partition)
         store.close()
         wipe(path)
-        return KeyedStore(open_rocks(path, self._scratch(partition)))
+        return KeyedStore(open_rocks(path, self._scratch(partition), self.memory))
 
     def close(self, partition: int, store: KeyedStore) -> None:
         store.close()
@@ -66,8 +80,8 @@ class DiskStores:
         return self.root / f"{partition}.scratch-{self.incarnation}"
 
 
-def store_factory(kind: str, root: Path, incarnation: str) -> StoreFactory:
-    return DiskStores(root, incarnation) if kind == "disk" else MemoryStores()
+def store_factory(kind: str, root: Path, incarnation: str, memory_bytes: int) -> StoreFactory:
+    return DiskStores(root, incarnation, RocksMemory(memory_bytes)) if kind == "disk" else MemoryStores()
 
 
 def restore_start(
