@@ -246,4 +246,24 @@ def test_rocksdb_memory_of_all_stores_fills_one_capped_cache(tmp_path: Path) -> 
     for store in stores:
         store.close()
     assert all(found is not None for found in read_back)
-    assert memory.limit_bytes / 2 < used <= memory.limit_bytes
+    # Entries in use (memtables being flushed, pinned L0 index and filter blocks) may take a
+    # non-strict LRU cache a little past its capacity until they are released.
+    assert memory.limit_bytes / 2 < used <= memory.limit_bytes * 1.15
+
+
+def test_a_reopened_store_still_reads_through_the_shared_cache(tmp_path: Path) -> None:
+    # Given a store written and closed by an earlier process
+    store = KeyedStore(RocksBackend(tmp_path / "0", RocksMemory()))
+    for number in range(5000):
+        store.put(f"order:{number}", Padded(n=number, padding="x" * 500))
+    store.commit()
+    store.close()
+    # When a new process opens it and reads it back
+    memory = RocksMemory(4 * 1024 * 1024)
+    reopened = KeyedStore(RocksBackend(tmp_path / "0", memory))
+    found = [reopened.get(f"order:{number}", Padded) for number in range(0, 5000, 3)]
+    used = memory.in_use()
+    reopened.close()
+    # Then the blocks it read are in the budget it was given, not in a cache of RocksDB's defaults
+    assert all(doc is not None for doc in found)
+    assert used > 1024 * 1024

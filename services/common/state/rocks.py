@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # Of the memory budget, the share the memtables of all stores may take before the largest is flushed.
 MEMTABLE_SHARE = 4
 WRITE_BUFFER_BYTES = 2 * 1024 * 1024
+BLOOM_BITS_PER_KEY = 10  # about 1% false positives
 LOCK_FILE = "choreo.lock"
 
 
@@ -53,6 +54,8 @@ class RocksMemory:
         options.create_if_missing(True)
         table = BlockBasedOptions()
         table.set_block_cache(self._cache)
+        # Most reads look up an order no table file holds yet; the filter answers them without a block read.
+        table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
         # Index and filter blocks would otherwise stay in memory outside the cache, one set per table file.
         table.set_cache_index_and_filter_blocks(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
@@ -81,7 +84,11 @@ class RocksBackend:
             self._lock.close()
             raise StoreLockedError(f"{path} is in use by another process") from error
         try:
-            self._db = Rdict(str(path / "db"), memory.options())
+            # Options apply only to column families rocksdict creates: a store reopened without naming
+            # its default family would run on RocksDB's defaults, with a block cache of its own
+            # outside the budget and no bloom filter (quixstreams #1136).
+            options = memory.options()
+            self._db = Rdict(str(path / "db"), options, column_families={"default": options})
         except Exception:
             self._release_lock()
             raise
