@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from services.common.logs import configure_logging
+from services.common.loop import run
 from services.common.processor import StreamApp, TransactionalRunner
 from services.common.settings import ChoreoSettings
 
@@ -117,4 +118,4 @@ Settings = TypeVar("Settings", bound=ChoreoSettings)
 def main(settings: Settings, app_factory: Callable[[Settings], StreamApp]) -> None:
     """Process entry point shared by the services' `__main__` modules."""
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings, app_factory(settings)))
+    run(serve(settings, app_factory(settings)), settings.event_loop)

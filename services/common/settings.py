@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, ByteSize, Field, SecretStr, model_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import Topic
+from services.common.loop import EventLoopKind
 
 _SECONDS = re.compile(r"^\s*\d+(\.\d+)?\s*$")
 
@@ -53,6 +54,9 @@ class ChoreoSettings(BaseSettings):
     partitions: int = Field(default=6, ge=1, description="Partition count of every order-keyed topic.")
     replication_factor: int = Field(default=1, ge=1)
     log_level: str = "INFO"
+    event_loop: EventLoopKind = Field(
+        default="asyncio", description="`asyncio` (the standard library's loop) or `uvloop` (libuv, in C)."
+    )
     health_host: str = Field(
         default="127.0.0.1", description="Interface of the /health endpoint (0.0.0.0 in containers)."
     )

@@ -10,6 +10,7 @@ import sys
 
 from schemas.topics import AUDIT, MONITOR_ALERTS, MONITOR_STATE
 from services.common.logs import configure_logging
+from services.common.loop import run
 from services.common.topics import ensure_topics
 from services.monitor.app import Monitor, build_app
 from services.monitor.settings import MonitorSettings
@@ -61,7 +62,7 @@ def main(settings: MonitorSettings | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("mode.timers").setLevel(logging.ERROR)
     try:
-        asyncio.run(_main(settings))
+        run(_main(settings), settings.event_loop)
     except RuntimeError:
         log.exception("monitor stopped on a crash")
         sys.exit(1)
