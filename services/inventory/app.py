@@ -79,7 +79,8 @@ class InventoryApp:
         settled = stock_replied(state, reply)
         emitted = apply_settled(task, state, settled.reaction, source=Source.INVENTORY, cause_id=settled.cause)
         if emitted:
-            log.info(
+            # Per order, routine: the order's timeline on audit says the same.
+            log.debug(
                 "reservation settled",
                 extra={
                     "order_id": reply.order_id,

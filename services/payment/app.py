@@ -197,7 +197,7 @@ class PaymentApp:
         if reply is not None:
             task.send(LEDGER_REPLIES, reply.order_id, reply.model_dump_json().encode())
             if not reply.held:
-                log.info(
+                log.debug(
                     "credit hold declined",
                     extra={"customer_id": request.customer_id, "order_id": request.order_id, "reason": reply.reason},
                 )
