@@ -86,6 +86,7 @@ class LedgerOperation(StrEnum):
     HOLD = "hold"
     RELEASE = "release"
     REFUND = "refund"
+    FINALIZE = "finalize"  # the order completed: its charge stands for good and leaves the open holds
 
 
 class LedgerRequest(BaseModel):
@@ -119,7 +120,7 @@ class Settlement(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    outcome: Literal["declined", "released", "refunded"]
+    outcome: Literal["declined", "released", "refunded", "charged"]
     amount: Decimal
     reason: str | None = None
     at_ms: int = 0
@@ -127,7 +128,13 @@ class Settlement(BaseModel):
 
 
 class CustomerLedger(BaseModel):
-    """Invariants: 0 <= used <= credit_limit; used == sum(holds); charged_total - refunded_total == used."""
+    """Invariants: 0 <= used <= credit_limit; used == sum(holds) + finalized_total;
+    charged_total - refunded_total == used.
+
+    `holds` are the charges of orders still in flight, which a release or a refund may take back; a
+    completed order's charge moves to `finalized_total` (it keeps using credit), so the ledger follows the
+    customer's orders in flight, not every order the customer ever completed.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -136,6 +143,7 @@ class CustomerLedger(BaseModel):
     used: Decimal = Decimal(0)
     charged_total: Decimal = Decimal(0)
     refunded_total: Decimal = Decimal(0)
+    finalized_total: Decimal = Decimal(0)
     holds: dict[str, Decimal] = {}
     settled: dict[str, Settlement] = {}
 
@@ -190,6 +198,17 @@ class CustomerLedger(BaseModel):
         if amount is None:
             return self
         return self._close(order_id, amount, "refunded", refunded_total=self.refunded_total + amount)
+
+    def finalize(self, order_id: str) -> CustomerLedger:
+        """The order completed: its hold leaves the ledger, its amount stays used; an unknown hold changes nothing."""
+        amount = self.holds.get(order_id)
+        if amount is None:
+            return self
+        holds = {key: value for key, value in self.holds.items() if key != order_id}
+        settled = {**self.settled, order_id: Settlement(outcome="charged", amount=amount)}
+        return self.model_copy(
+            update={"holds": holds, "settled": settled, "finalized_total": self.finalized_total + amount}
+        )
 
     def _close(
         self, order_id: str, amount: Decimal, outcome: Literal["released", "refunded"], **totals: Decimal

@@ -75,6 +75,8 @@ def on_inventory_reserved(state: PaymentOrder, envelope: Envelope) -> Reaction[P
 
 def compensate(state: PaymentOrder, reason: str, trigger: Envelope, attempt: RefundAttempt) -> Reaction[PaymentOrder]:
     """Undo the payment step for a later step's failure or a cancellation."""
+    if state.completed:
+        return Reaction(state)  # the order completed: its charge stands for good
     if state.phase is Phase.CHARGED:
         return attempt_refund(state, attempt, reason=reason, trigger_id=str(trigger.event_id), failed_before=0)
     if state.phase in (Phase.AWAITING, Phase.HOLDING):
@@ -141,11 +143,12 @@ def on_shipment_cancelled(attempt: RefundAttempt, state: PaymentOrder, envelope:
 
 
 def on_order_completed(state: PaymentOrder, envelope: Envelope) -> Reaction[PaymentOrder]:
-    """The charge stands for good: nothing can ask for it back, so the order is finished here."""
+    """The charge stands for good: nothing can ask for it back, so the order is finished here, and its
+    hold leaves the customer's ledger."""
     payload(envelope, OrderCompleted)
-    if state.phase is not Phase.CHARGED:
+    if state.phase is not Phase.CHARGED or state.completed:
         return Reaction(state)
-    return Reaction(state.model_copy(update={"completed": True}))
+    return Reaction(state.model_copy(update={"completed": True}), requests=(_ledger(LedgerOperation.FINALIZE, state),))
 
 
 def order_handlers(attempt: RefundAttempt) -> Mapping[type[Event], Handler[PaymentOrder]]:
@@ -186,4 +189,6 @@ def on_ledger_request(ledger: CustomerLedger, request: LedgerRequest) -> tuple[C
         return ledger.hold(request.order_id, request.amount)
     if request.operation is LedgerOperation.RELEASE:
         return ledger.release(request.order_id), None
+    if request.operation is LedgerOperation.FINALIZE:
+        return ledger.finalize(request.order_id), None
     return ledger.refund(request.order_id), None

@@ -201,6 +201,66 @@ def test_customers_not_in_the_file_get_the_default_limit() -> None:
     assert event.data.reason == "credit limit exceeded: available 50.00"
 
 
+def completed(order_id: str, total: str = "40.00") -> Envelope:
+    return envelope(
+        OrderCompleted(customer_id=ALICE, total=Decimal(total), currency="EUR", items=[]), order_id, Source.SHIPPING
+    )
+
+
+def test_a_completed_order_leaves_the_ledger_and_its_charge_keeps_using_credit() -> None:
+    # Given two charged orders of one customer
+    harness = Harness(limits={ALICE: Decimal("100.00")})
+    charged(harness, "o-1", "40.00")
+    charged(harness, "o-2", "30.00")
+
+    # When the first completes (and its completion is delivered twice)
+    done = completed("o-1")
+    emitted = harness.publish(done)
+    harness.pump()
+    harness.publish(done)
+    harness.pump()
+
+    # Then the ledger is asked once to finalize it: its hold leaves, its amount stays used
+    assert ledger_requests(emitted) == [
+        LedgerRequest(operation=LedgerOperation.FINALIZE, customer_id=ALICE, order_id="o-1", amount=Decimal("40.00"))
+    ]
+    assert payment_events(emitted) == []
+    ledger = harness.ledger(ALICE)
+    assert ledger is not None
+    assert ledger.holds == {"o-2": Decimal("30.00")}
+    assert (ledger.used, ledger.finalized_total, ledger.charged_total) == (
+        Decimal("70.00"),
+        Decimal("40.00"),
+        Decimal("70.00"),
+    )
+    assert ledger.settled["o-1"].outcome == "charged"
+    state = harness.order("o-1")
+    assert state is not None
+    assert state.completed
+    assert state.finished()
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [approval_denied, lambda order_id: shipment_cancelled(order_id, "too late")],
+    ids=["approval denied", "shipment cancelled"],
+)
+def test_a_trigger_after_completion_refunds_nothing(trigger: Callable[[str], Envelope]) -> None:
+    harness = Harness()
+    charged(harness, "o-1", "40.00")
+    harness.publish(completed("o-1"))
+    harness.pump()
+
+    emitted = harness.publish(trigger("o-1"))
+    harness.pump()
+
+    assert payment_events(emitted) == []
+    assert ledger_requests(emitted) == []
+    ledger = harness.ledger(ALICE)
+    assert ledger is not None
+    assert (ledger.used, ledger.refunded_total, ledger.holds) == (Decimal("40.00"), Decimal(0), {})
+
+
 # --- compensation -------------------------------------------------------------------------------
 
 TRIGGERS: list[tuple[Callable[[str], Envelope], str]] = [
@@ -481,6 +541,13 @@ def test_ledger_rules() -> None:
         {},
     )
     assert ledger.release("o-1") is ledger
+
+    ledger, _ = ledger.hold("o-4", Decimal("25.00"))
+    finalized = ledger.finalize("o-4")
+    assert (finalized.used, finalized.finalized_total, finalized.holds) == (Decimal("25.00"), Decimal("25.00"), {})
+    assert finalized.finalize("o-4") is finalized
+    assert finalized.refund("o-4") is finalized  # a completed charge is never taken back
+    assert finalized.hold("o-4", Decimal("25.00"))[1].held is False
 
 
 # --- settings and wiring ------------------------------------------------------------------------

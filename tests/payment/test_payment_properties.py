@@ -85,7 +85,7 @@ def order_cases(draw: st.DrawFn) -> list[OrderCase]:
 def check_ledgers(harness: Harness) -> None:
     for ledger in harness.balances().values():
         assert Decimal(0) <= ledger.used <= ledger.credit_limit
-        assert ledger.used == sum(ledger.holds.values(), Decimal(0))
+        assert ledger.used == sum(ledger.holds.values(), Decimal(0)) + ledger.finalized_total
         assert ledger.charged_total - ledger.refunded_total == ledger.used
 
 
