@@ -8,7 +8,7 @@ checkout (a `git worktree` of an earlier commit) whose `services` and `schemas` 
 the benchmark code stays this checkout's, so every column is measured by the same code. Runs alternate
 between the variants (A B A B ...), so the machine's noise falls on all of them alike. Everything after
 `--` goes to `benchmarks.saga_bench` unchanged. It prints one table of medians (and every run's value)
-and writes each run's JSON and a summary JSON to `--out`.
+and writes each run's JSON, table and plot, and a summary JSON, to `--out`.
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ def run_once(variant: Variant, bench_args: Sequence[str], json_path: Path, scrat
     command = [sys.executable, "-m", "benchmarks.saga_bench", *bench_args, "--json", str(json_path)]
     command += ["--png", str(json_path.with_suffix(".png"))]
     log.info("%s: %s", variant.name, " ".join(command))
-    subprocess.run(command, env=env, cwd=HERE, check=True)
+    # Each run's own table goes beside its JSON; stdout is left for the comparison.
+    with json_path.with_suffix(".txt").open("w") as table:
+        subprocess.run(command, env=env, cwd=HERE, check=True, stdout=table)
     report: dict[str, Any] = json.loads(json_path.read_text())
     return report
 

@@ -13,8 +13,10 @@ Result = TypeVar("Result")
 def loop_factory(kind: EventLoopKind) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if kind == "asyncio":
         return None
-    import uvloop  # only where it is chosen
-
+    try:
+        import uvloop  # an optional dependency, only where it is chosen
+    except ImportError as error:
+        raise RuntimeError("CHOREO_EVENT_LOOP=uvloop needs the uvloop package: pip install '.[uvloop]'") from error
     return uvloop.new_event_loop
 
 
