@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import time
 from collections.abc import Callable
-
-log = logging.getLogger(__name__)
 
 TRIM_INTERVAL_S = 60.0
 

@@ -191,31 +191,32 @@ class CustomerLedger(BaseModel):
         amount = self.holds.get(order_id)
         if amount is None:
             return self
-        return self._close(order_id, amount, "released", charged_total=self.charged_total - amount)
+        return self._close(
+            order_id, amount, "released", used=self.used - amount, charged_total=self.charged_total - amount
+        )
 
     def refund(self, order_id: str) -> CustomerLedger:
         amount = self.holds.get(order_id)
         if amount is None:
             return self
-        return self._close(order_id, amount, "refunded", refunded_total=self.refunded_total + amount)
+        return self._close(
+            order_id, amount, "refunded", used=self.used - amount, refunded_total=self.refunded_total + amount
+        )
 
     def finalize(self, order_id: str) -> CustomerLedger:
         """The order completed: its hold leaves the ledger, its amount stays used; an unknown hold changes nothing."""
         amount = self.holds.get(order_id)
         if amount is None:
             return self
-        holds = {key: value for key, value in self.holds.items() if key != order_id}
-        settled = {**self.settled, order_id: Settlement(outcome="charged", amount=amount)}
-        return self.model_copy(
-            update={"holds": holds, "settled": settled, "finalized_total": self.finalized_total + amount}
-        )
+        return self._close(order_id, amount, "charged", finalized_total=self.finalized_total + amount)
 
     def _close(
-        self, order_id: str, amount: Decimal, outcome: Literal["released", "refunded"], **totals: Decimal
+        self, order_id: str, amount: Decimal, outcome: Literal["released", "refunded", "charged"], **totals: Decimal
     ) -> CustomerLedger:
+        """The hold leaves the ledger, settled with `outcome`; `totals` say how the sums move."""
         holds = {key: value for key, value in self.holds.items() if key != order_id}
         settled = {**self.settled, order_id: Settlement(outcome=outcome, amount=amount)}
-        return self.model_copy(update={"used": self.used - amount, "holds": holds, "settled": settled, **totals})
+        return self.model_copy(update={"holds": holds, "settled": settled, **totals})
 
     def _reply(self, order_id: str, amount: Decimal, *, held: bool, reason: str | None = None) -> LedgerReply:
         return LedgerReply(order_id=order_id, customer_id=self.customer_id, held=held, amount=amount, reason=reason)
