@@ -12,8 +12,8 @@ from typing import Generic, TypeVar
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.topics import DEAD_LETTER, Topic
+from services.common.kafka import partition_for
 from services.common.processor import Incoming, StreamApp, TaskContext
-from services.common.saga import partition_for
 from services.common.settings import ChoreoSettings
 from services.common.state import KeyedStore
 

@@ -1,4 +1,5 @@
-"""The transactional runner on the real broker: what a commit interval batches, and what a clean stop keeps."""
+"""The transactional runner on the real broker: what a commit interval batches, what a clean stop keeps,
+and when a request between two stages skips its topic."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from schemas.topics import AUDIT, AUDIT_STATE, ORDERS, Topic
+from schemas.topics import AUDIT, AUDIT_STATE, ORDERS, STOCK_REQUESTS, Topic
+from services.common.kafka import partition_for
 from services.common.kafka import producer as make_producer
 from services.common.processor import Incoming, TaskContext, TransactionalRunner
 from services.common.settings import ChoreoSettings
@@ -22,6 +24,7 @@ class Echo:
     name = "echo"
     inputs: Sequence[Topic] = (ORDERS,)
     changelog: Topic = AUDIT_STATE
+    in_process: Sequence[Topic] = ()
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         assert message.key is not None
@@ -87,3 +90,78 @@ async def test_a_clean_stop_commits_what_the_interval_still_held(choreo_settings
     copied = await read_topic(settings, AUDIT)
     assert len(copied) == RECORDS
     assert await committed_total(settings, settings.group(Echo.name)) == RECORDS
+
+
+class TwoStages:
+    """Each order asks the stage of the SKU named in its value; that stage logs the request on audit."""
+
+    name = "two-stages"
+    inputs: Sequence[Topic] = (ORDERS, STOCK_REQUESTS)
+    changelog: Topic = AUDIT_STATE
+    in_process: Sequence[Topic] = (STOCK_REQUESTS,)
+
+    def process(self, task: TaskContext, message: Incoming) -> None:
+        assert message.key is not None
+        assert message.value is not None
+        if message.topic == ORDERS:
+            task.send(STOCK_REQUESTS, message.value.decode(), message.key)
+        else:
+            task.send(AUDIT, message.key.decode(), message.value)
+
+    def tick(self, task: TaskContext, now: datetime) -> None:
+        """No timers."""
+
+
+async def publish_to(settings: ChoreoSettings, topic: Topic, records: list[tuple[str, str]]) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send(settings.topic(topic), value.encode(), key=key.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_a_request_to_an_own_task_is_handed_over_without_its_topic(choreo_settings: ChoreoSettings) -> None:
+    # Given one runner, which owns every task
+    await ensure_topics(choreo_settings)
+    runner = TransactionalRunner(choreo_settings, TwoStages())
+    running = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(runner.wait_assigned(), 60)
+        # When orders ask SKU stages
+        await publish_to(choreo_settings, ORDERS, [(f"o-{index}", f"sku-{index % 7}") for index in range(RECORDS)])
+        # Then every request is answered, and none went through the request topic
+        logged = await eventually(
+            lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60
+        )
+        assert sorted(row.value for row in logged) == sorted(f"o-{index}".encode() for index in range(RECORDS))
+        assert await read_topic(choreo_settings, STOCK_REQUESTS) == []
+        assert runner.stats.in_process == RECORDS
+    finally:
+        runner.stop()
+        await asyncio.wait_for(running, 60)
+
+
+async def test_requests_already_on_the_topic_are_not_overtaken(choreo_settings: ChoreoSettings) -> None:
+    # Given requests for one SKU that an earlier owner left unread on its partition, and orders for the
+    # same SKU placed before them (so a merge by time would take the orders first)
+    await ensure_topics(choreo_settings)
+    await publish_to(choreo_settings, ORDERS, [(f"new-{index}", "sku-x") for index in range(5)])
+    await publish_to(choreo_settings, STOCK_REQUESTS, [("sku-x", f"old-{index}") for index in range(5)])
+    # When a runner takes over every task
+    runner = TransactionalRunner(choreo_settings, TwoStages())
+    running = asyncio.create_task(runner.run())
+    try:
+        logged = await eventually(lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) >= 10, timeout=60)
+        # Then the SKU stage takes the old requests before the new ones, which went through the topic behind them
+        assert [row.value.decode()[:3] for row in logged] == ["old"] * 5 + ["new"] * 5
+        assert runner.stats.in_process == 0
+        # And once the backlog is read, a new request is handed over
+        await publish_to(choreo_settings, ORDERS, [("later", "sku-x")])
+        await eventually(lambda: asyncio.sleep(0, runner.stats.in_process), lambda count: count == 1, timeout=60)
+        assert partition_for(b"sku-x", choreo_settings.partitions) in runner.partitions
+    finally:
+        runner.stop()
+        await asyncio.wait_for(running, 60)

@@ -12,7 +12,7 @@ import pytest
 from schemas.envelope import Envelope
 from schemas.events import OrderCancellationRequested, OrderPlaced
 from schemas.topics import ORDERS
-from services.common.saga import partition_for
+from services.common.kafka import partition_for
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
 from tests.support import choreo, read_topic

@@ -31,8 +31,7 @@ import pytest
 from schemas.envelope import Envelope, Source
 from schemas.events import Address, OrderCancellationRequested, OrderLine, OrderPlaced
 from schemas.topics import AUDIT, DEAD_LETTER, INVENTORY_STATE, PAYMENT_STATE, Topic, topic_of
-from services.common.kafka import producer
-from services.common.saga import partition_for
+from services.common.kafka import partition_for, producer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
 from tests.e2e.processes import ProcessStack, ServiceProcess

@@ -22,6 +22,7 @@ class ApprovalApp:
     name: str = "approval"
     inputs: Sequence[Topic] = (PAYMENT_EVENTS, APPROVAL_DECISIONS, ORDERS)
     changelog: Topic = APPROVAL_STATE
+    in_process: Sequence[Topic] = ()
 
     def __init__(self, policy: ApprovalPolicy) -> None:
         self.policy = policy

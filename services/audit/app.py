@@ -21,6 +21,7 @@ class AuditApp:
     name = "audit"
     inputs: Sequence[Topic] = SAGA_TOPICS
     changelog = AUDIT_STATE
+    in_process: Sequence[Topic] = ()
 
     def __init__(self, causal_wait: timedelta, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.causal_wait = causal_wait

@@ -17,7 +17,7 @@ from schemas.envelope import ContractError, Envelope
 from schemas.topics import AUDIT
 from services.audit.timeline import OrderStatus, event_line, order_status, timeline
 from services.common.kafka import consumer as make_consumer
-from services.common.saga import partition_for
+from services.common.kafka import partition_for
 from services.common.settings import ChoreoSettings
 from services.common.topics import describe_topics
 

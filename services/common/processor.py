@@ -14,6 +14,12 @@ aiokafka speaks only v0 of the transaction calls (no consumer-group fencing, KIP
 is done by hand: each assignment gets a fresh transactional id, every commit tags the committed
 offsets with it, and a new owner of a partition first starts a producer with the id it finds
 there. That aborts the earlier owner's open transaction and makes its later commits fail.
+
+A request between two stages of a service (an order's task asks a SKU's or a customer's task) is
+handed over in process when this instance owns the target task and has read everything already on
+the target partition: it then lands in the same transaction as the record that caused it, with no
+topic record, broker round trip or wait for a commit in between. Otherwise it goes through its
+topic, and the order of each order's requests is kept either way (see `_caught_up`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import heapq
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,8 +47,8 @@ from schemas.topics import DEAD_LETTER, Topic, topic_of
 from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
+from services.common.kafka import partition_for, topic_config
 from services.common.kafka import producer as make_producer
-from services.common.kafka import topic_config
 from services.common.settings import ChoreoSettings
 from services.common.stack import run_dir
 from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
@@ -68,6 +75,8 @@ TASK_BATCH_BYTES = 512 * 1024
 # hangs, and a member that never finishes its assignment holds its partitions hostage.
 FENCE_TIMEOUT_S = 60.0
 ASSIGNMENT_POLL_S = 0.05
+IN_PROCESS_OFFSET = -1
+"""The offset of a record handed over in process: it was never written to its topic."""
 
 
 class TaskFencedError(RuntimeError):
@@ -85,6 +94,11 @@ class Incoming:
     value: bytes | None
     timestamp_ms: int
     headers: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def in_process(self) -> bool:
+        """Handed over by a stage of this instance rather than read from its topic."""
+        return self.offset == IN_PROCESS_OFFSET
 
     def header(self, name: str) -> bytes | None:
         """The first header called `name`, if any."""
@@ -109,6 +123,8 @@ class StreamApp(Protocol):
     name: str
     inputs: Sequence[Topic]
     changelog: Topic
+    in_process: Sequence[Topic]
+    """Inputs that one stage sends another (requests and replies): what may be handed over in process."""
 
     def process(self, task: TaskContext, message: Incoming) -> None: ...
 
@@ -191,6 +207,8 @@ class RunnerStats:
     restore_seconds: float = 0.0
     full_restores: int = 0
     expired_keys: int = 0
+    in_process: int = 0
+    """Requests handed over in process instead of through their topic."""
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -217,6 +235,8 @@ class TransactionalRunner:
         self._stores: dict[int, KeyedStore] = {}
         self._stream_time: dict[int, int] = {}
         self._topics_by_name = {settings.topic(topic): topic for topic in app.inputs}
+        self._in_process = {settings.topic(topic): topic for topic in app.in_process}
+        self._handover = _Handover()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._transactional_id = ""
@@ -325,7 +345,8 @@ class TransactionalRunner:
     # --- batches ------------------------------------------------------------------------------
 
     async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        if self._producer is None:
+        consumer = self._consumer
+        if self._producer is None or consumer is None:
             return
         if not self._pending:
             self._pending_since = time.monotonic()
@@ -344,8 +365,13 @@ class TransactionalRunner:
                 context = self._context(self._pending, partition)
                 context.stream_time_ms = max(context.stream_time_ms, int(now.timestamp() * 1000))
                 self._expire(context)
+                sent = len(context.outbox)
                 self.app.tick(context, now)
+                self._dispatch(self._hand_over(context, sent))
         self.stats.batches += len(by_task)
+        if self._handover.backlogged:
+            for tp in list(self._handover.backlogged):
+                self._handover.positioned(tp, await consumer.position(tp))
         due = time.monotonic() - self._pending_since >= self._commit_interval
         if due or self._pending_records >= self.max_batch:
             await self._flush()
@@ -389,12 +415,49 @@ class TransactionalRunner:
                 self._topics_by_name[tp.topic], tp.partition, row.offset, row.key, row.value, row.timestamp,
                 tuple(row.headers or ()),
             )  # fmt: skip
-            context.stream_time_ms = max(context.stream_time_ms, row.timestamp)
+            self._dispatch([(context, message)])
+            if tp.topic in self._in_process:
+                self._handover.read(tp, row.offset)
+
+    def _dispatch(self, work: Iterable[tuple[TaskContext, Incoming]]) -> None:
+        """Process each message, then the requests it sent that an own task can take at once."""
+        queue = deque(work)
+        while queue:
+            context, message = queue.popleft()
+            context.stream_time_ms = max(context.stream_time_ms, message.timestamp_ms)
+            sent = len(context.outbox)
             try:
                 self.app.process(context, message)
             except Exception as error:  # a handler bug must not block the partition: keep the message
-                log.exception("handler failed", extra={"service": self.app.name, "offset": row.offset})
+                log.exception("handler failed", extra={"service": self.app.name, "offset": message.offset})
                 context.dead_letter(message, f"handler error: {error!r}")
+            queue.extend(self._hand_over(context, sent))
+
+    def _hand_over(self, context: TaskContext, sent: int) -> list[tuple[TaskContext, Incoming]]:
+        """Take out of `context.outbox[sent:]` the requests an own, caught-up task can process now."""
+        if not self._in_process:
+            return []
+        kept: list[Outgoing] = []
+        handed: list[tuple[TaskContext, Incoming]] = []
+        for out in context.outbox[sent:]:
+            topic = self._in_process.get(out.topic)
+            if topic is None or out.key is None:
+                kept.append(out)
+                continue
+            partition = out.partition if out.partition is not None else partition_for(out.key, self.settings.partitions)
+            tp = TopicPartition(out.topic, partition)
+            if partition in self._stores and self._handover.caught_up(tp):
+                message = Incoming(
+                    topic, partition, IN_PROCESS_OFFSET, out.key, out.value, context.stream_time_ms, out.headers
+                )
+                handed.append((self._context(self._pending, partition), message))
+            else:
+                self._handover.sending(tp)
+                kept.append(out)
+        if handed:
+            context.outbox[sent:] = kept
+            self.stats.in_process += len(handed)
+        return handed
 
     async def _commit(self, contexts: dict[int, TaskContext], offsets: dict[TopicPartition, int]) -> None:
         """One transaction for everything this instance did since the last one, or nothing of it."""
@@ -406,16 +469,22 @@ class TransactionalRunner:
         positions = {**self._positions, **offsets}
         changelog = self.settings.topic(self.app.changelog)
         changelog_writes: dict[int, list[asyncio.Future[Any]]] = {}
+        requests: list[asyncio.Future[Any]] = []
         try:
             async with producer.transaction():
                 deliveries = []
                 for partition, context in contexts.items():
-                    deliveries += [
-                        await producer.send(
-                            out.topic, out.value, key=out.key, partition=out.partition, headers=list(out.headers)
+                    sent = [
+                        (
+                            out,
+                            await producer.send(
+                                out.topic, out.value, key=out.key, partition=out.partition, headers=list(out.headers)
+                            ),
                         )
                         for out in context.outbox
                     ]
+                    deliveries += [future for _out, future in sent]
+                    requests += [future for out, future in sent if out.topic in self._in_process]
                     changelog_writes[partition] = [
                         await producer.send(
                             changelog,
@@ -451,6 +520,9 @@ class TransactionalRunner:
             self._rewind()
             return
         self._positions = positions
+        self._handover.committed(
+            (TopicPartition(sent.topic, sent.partition), sent.offset) for sent in (done.result() for done in requests)
+        )
         # Only now, with the transaction committed, do its changes reach the stores, each batch with
         # the changelog position it brings the store to.
         now_ms = int(self.clock().timestamp() * 1000)
@@ -465,6 +537,7 @@ class TransactionalRunner:
     def _rollback(self) -> None:
         for store in self._stores.values():
             store.rollback()
+        self._handover.rolled_back()
 
     def _rewind(self) -> None:
         """Move the consumer back to the committed positions, to redo an aborted batch."""
@@ -474,6 +547,7 @@ class TransactionalRunner:
             committed = self._positions.get(tp)
             if committed is not None:
                 consumer.seek(tp, committed)
+        self._handover.rewound(self._positions)
 
     # --- assignment lifecycle -----------------------------------------------------------------
 
@@ -513,6 +587,9 @@ class TransactionalRunner:
             if position is not None:
                 consumer.seek(tp, position)
                 self._positions[tp] = position
+        # Read after the fence, so the ends include every request an earlier owner committed.
+        handover = [tp for tp in assigned if tp.topic in self._in_process]
+        self._handover.reset(await consumer.end_offsets(handover) if handover else {}, self._positions)
 
     async def _fence_previous_owners(self, assigned: list[TopicPartition]) -> dict[TopicPartition, int]:
         fenced: set[str] = set()
@@ -640,9 +717,62 @@ class TransactionalRunner:
         for partition, store in stores.items():
             self._store_factory.close(partition, store)
         self._positions = {}
+        self._handover.reset({}, {})
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+class _Handover:
+    """When a request may skip its topic: the bookkeeping behind `TransactionalRunner._hand_over`.
+
+    All of an order's requests come from the order's own task, and a task has one owner at a time,
+    so a request handed over can only overtake one sent earlier through the same partition and not
+    yet read. A partition takes hand-overs only when none is left: not the records on it when the
+    assignment began (`backlogged`, until the consumer's position passes them), not those this
+    instance wrote since (until read back), and none in the open transaction.
+    """
+
+    def __init__(self) -> None:
+        self.reset({}, {})
+
+    def reset(self, ends: dict[TopicPartition, int], positions: dict[TopicPartition, int]) -> None:
+        self._ends = dict(ends)
+        self.backlogged = {tp for tp, end in ends.items() if positions.get(tp, -1) < end}
+        self._read: dict[TopicPartition, int] = {}
+        self._written: dict[TopicPartition, int] = {}
+        self._sending: set[TopicPartition] = set()
+
+    def caught_up(self, tp: TopicPartition) -> bool:
+        return (
+            tp in self._ends
+            and tp not in self.backlogged
+            and tp not in self._sending
+            and self._read.get(tp, 0) >= self._written.get(tp, 0)
+        )
+
+    def sending(self, tp: TopicPartition) -> None:
+        self._sending.add(tp)
+
+    def read(self, tp: TopicPartition, offset: int) -> None:
+        self._read[tp] = offset + 1
+
+    def positioned(self, tp: TopicPartition, position: int) -> None:
+        if position >= self._ends.get(tp, 0):
+            self.backlogged.discard(tp)
+
+    def committed(self, written: Iterable[tuple[TopicPartition, int]]) -> None:
+        for tp, offset in written:
+            self._written[tp] = max(self._written.get(tp, 0), offset + 1)
+        self._sending.clear()
+
+    def rolled_back(self) -> None:
+        self._sending.clear()
+
+    def rewound(self, positions: dict[TopicPartition, int]) -> None:
+        """The consumer reads again from `positions`: what lies past them is unread once more."""
+        self.backlogged |= {tp for tp, end in self._ends.items() if positions.get(tp, -1) < end}
+        self._read = {tp: positions[tp] for tp in self._read if tp in positions}
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

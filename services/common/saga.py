@@ -12,12 +12,12 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Self, TypeVar
 
-from aiokafka.partitioner import murmur2
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas.envelope import CE_TYPE, ContractError, Envelope, Source, describe_validation_error
 from schemas.events import EVENT_TYPES, Event
 from schemas.topics import Topic
+from services.common.kafka import partition_for
 from services.common.processor import Incoming, TaskContext
 
 
@@ -73,12 +73,6 @@ class Reaction(Generic[State]):
 
 
 Handler = Callable[[State, Envelope], Reaction[State]]
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner picks for `key`."""
-    hashed: int = murmur2(key)
-    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def _misrouted(task: TaskContext, message: Incoming, key: bytes) -> bool:
@@ -142,6 +136,8 @@ def read_again(task: TaskContext, message: Incoming) -> bool:
     highest offset applied, kept in the task's state and committed with it, tells a replay from a
     new request, in constant space.
     """
+    if message.in_process:
+        return False  # never written to a topic, so never read again
     key = f"applied:{message.topic.name}"
     applied = task.store.get(key, AppliedOffset)
     if applied is not None and message.offset <= applied.offset:

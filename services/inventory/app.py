@@ -37,6 +37,7 @@ class InventoryApp:
     # handler: a cancellation reaches inventory through payment, and only a completion moves stock.
     inputs: Sequence[Topic] = (ORDERS, PAYMENT_EVENTS, SHIPPING_EVENTS, STOCK_REQUESTS, STOCK_REPLIES)
     changelog = INVENTORY_STATE
+    in_process: Sequence[Topic] = (STOCK_REQUESTS, STOCK_REPLIES)
 
     def __init__(self, catalog: Mapping[str, int]) -> None:
         self.catalog = dict(catalog)

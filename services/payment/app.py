@@ -81,6 +81,7 @@ class PaymentApp:
     name = "payment"
     inputs: Sequence[Topic] = (INVENTORY_EVENTS, APPROVAL_EVENTS, SHIPPING_EVENTS, LEDGER_REQUESTS, LEDGER_REPLIES)
     changelog: Topic = PAYMENT_STATE
+    in_process: Sequence[Topic] = (LEDGER_REQUESTS, LEDGER_REPLIES)
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ class ShippingApp:
     name: str = "shipping"
     inputs: Sequence[Topic] = (APPROVAL_EVENTS, ORDERS)
     changelog: Topic = SHIPPING_STATE
+    in_process: Sequence[Topic] = ()
 
     def __init__(self, policy: ShippingPolicy) -> None:
         self.policy = policy

@@ -37,8 +37,9 @@ from schemas.events import (
 from schemas.topics import AUDIT, DEAD_LETTER, topic_of
 from services.audit.app import AuditApp
 from services.audit.domain import HELD_INDEX_KEY, AuditOrderState, HeldIndex
+from services.common.kafka import partition_for
 from services.common.processor import Incoming, TaskContext
-from services.common.saga import order_key, partition_for
+from services.common.saga import order_key
 from services.common.settings import ChoreoSettings
 from services.common.state import KeyedStore
 

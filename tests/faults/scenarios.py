@@ -21,8 +21,7 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.events import ApprovalRequested
 from schemas.topics import DEAD_LETTER, ORDERS, STOCK_REQUESTS
-from services.common.kafka import admin_client
-from services.common.saga import partition_for
+from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
 from services.payment.settings import PaymentSettings
 from tests.e2e.processes import ServiceProcess
@@ -62,6 +61,9 @@ POISON_FOLLOWERS = 3
 # A follower of a poison record may be slower than usual, but not by more than this factor of the p99 of the
 # orders placed while no fault was active.
 POISON_LATENCY_FACTOR = 3.0
+# A blocked partition stalls its followers until the run ends; in the first seconds of a run, on a
+# broker still cold, an unblocked follower once took 1.6 s against a quiet p99 of 0.23 s.
+POISON_LATENCY_FLOOR_S = 2.0
 SCALABLE = ("inventory", "payment", "shipping", "approval", "audit")
 
 
@@ -322,7 +324,7 @@ async def poison_handled(run: FaultRun, expected: dict[bytes, str], followers: l
                 problems.append(f"dead letter of {value[:40]!r} from {letter.consumer}: reason {letter.reason!r}")
     timelines, _ = await audit_timelines(run.settings)
     usual = latencies(run.quiet_orders(), timelines, run.sent, kinds=(PLAIN,))
-    bound = POISON_LATENCY_FACTOR * percentile(usual, 0.99)
+    bound = max(POISON_LATENCY_FACTOR * percentile(usual, 0.99), POISON_LATENCY_FLOOR_S)
     slow = latencies(followers, timelines, run.sent, kinds=(PLAIN,))
     consumers = sorted({letter.consumer for found in letters.values() for letter in found})
     run.notes.append(

@@ -34,7 +34,7 @@ from schemas.topics import (
     STOCK_REPLIES,
     STOCK_REQUESTS,
 )
-from services.common.saga import partition_for
+from services.common.kafka import partition_for
 from services.inventory.app import build_app
 from services.inventory.domain import (
     CatalogError,

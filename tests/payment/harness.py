@@ -28,8 +28,9 @@ from schemas.events import (
     ShippingFailed,
 )
 from schemas.topics import ALL_TOPICS, DEAD_LETTER, LEDGER_REPLIES, LEDGER_REQUESTS, Topic, topic_of
+from services.common.kafka import partition_for
 from services.common.processor import Incoming, Outgoing, TaskContext
-from services.common.saga import order_key, partition_for
+from services.common.saga import order_key
 from services.common.state import KeyedStore
 from services.payment.app import PaymentApp, customer_key, ledger_balances
 from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder

@@ -37,7 +37,7 @@ from schemas.topics import (
     PAYMENT_STATE,
     SHIPPING_EVENTS,
 )
-from services.common.saga import partition_for
+from services.common.kafka import partition_for
 from services.payment.app import PaymentApp, build_app
 from services.payment.domain import (
     CustomerFileError,
