@@ -11,9 +11,10 @@ follows the number of transactions, not of records, so one transaction per poll 
 per task is what lets throughput grow with load.
 
 aiokafka speaks only v0 of the transaction calls (no consumer-group fencing, KIP-447), so fencing
-is done by hand: each assignment gets a fresh transactional id, every commit tags the committed
-offsets with it, and a new owner of a partition first starts a producer with the id it finds
-there. That aborts the earlier owner's open transaction and makes its later commits fail.
+is done by hand: each assignment gets a fresh transactional id, its first commit tags every
+owned offset with it (later commits, the offsets they move), and a new owner of a partition first
+starts a producer with the id it finds there. That aborts the earlier owner's open transaction and
+makes its later commits fail.
 
 A request between two stages of a service (an order's task asks a SKU's or a customer's task) is
 handed over in process when this instance owns the target task and has read everything already on
@@ -247,6 +248,8 @@ class TransactionalRunner:
         )
         self._assignments = 0
         self._positions: dict[TopicPartition, int] = {}
+        self._tagged = False
+        """Whether a commit of this assignment has tagged every owned position yet."""
         self._commit_interval = settings.commit_interval.total_seconds()
         # Handled but not yet committed: what the next transaction carries.
         self._pending: dict[int, TaskContext] = {}
@@ -467,6 +470,9 @@ class TransactionalRunner:
         if not offsets and not any(changes.values()) and not any(context.outbox for context in contexts.values()):
             return
         positions = {**self._positions, **offsets}
+        # The first commit of an assignment tags every owned position with this producer's id; a
+        # position that has not moved since keeps that tag, so later commits carry only what moved.
+        tagged = offsets if self._tagged else positions
         changelog = self.settings.topic(self.app.changelog)
         changelog_writes: dict[int, list[asyncio.Future[Any]]] = {}
         requests: list[asyncio.Future[Any]] = []
@@ -496,11 +502,10 @@ class TransactionalRunner:
                         for record in changes[partition]
                     ]
                     deliveries += changelog_writes[partition]
-                # Every owned position goes with every commit, tagged with this producer's id: whoever
-                # takes a partition over reads from the tag which producer it must fence.
-                if positions:
+                # Whoever takes a partition over reads from the tag which producer it must fence.
+                if tagged:
                     await producer.send_offsets_to_transaction(
-                        {tp: (offset, self._transactional_id) for tp, offset in positions.items()}, self.group_id
+                        {tp: (offset, self._transactional_id) for tp, offset in tagged.items()}, self.group_id
                     )
                 # Every record's outcome is read here, so a failed send fails this transaction
                 # (and is never left as an unobserved error).
@@ -520,6 +525,7 @@ class TransactionalRunner:
             self._rewind()
             return
         self._positions = positions
+        self._tagged = True
         self._handover.committed(
             (TopicPartition(sent.topic, sent.partition), sent.offset) for sent in (done.result() for done in requests)
         )
@@ -582,6 +588,7 @@ class TransactionalRunner:
         consumer = self._consumer
         assert consumer is not None
         self._positions = {}
+        self._tagged = False
         for tp in assigned:
             position = committed.get(tp)
             if position is not None:
