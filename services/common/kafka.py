@@ -19,6 +19,26 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
+def confluent_options(settings: ChoreoSettings) -> dict[str, Any]:
+    """The connection options of `settings` in librdkafka's names."""
+    options: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "security.protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        tls = {
+            "ssl.ca.location": settings.ssl_cafile,
+            "ssl.certificate.location": settings.ssl_certfile,
+            "ssl.key.location": settings.ssl_keyfile,
+        }
+        options.update({name: value for name, value in tls.items() if value is not None})
+    if settings.security_protocol.startswith("SASL"):
+        options["sasl.mechanism"] = settings.sasl_mechanism or "PLAIN"
+        options["sasl.username"] = settings.sasl_username
+        options["sasl.password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return options
+
+
 def admin_client(settings: ChoreoSettings, **overrides: Any) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**{**settings.kafka_options(), "request_timeout_ms": 15_000, **overrides})
 

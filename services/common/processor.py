@@ -38,9 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError, ProducerFenced
 
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
@@ -49,12 +48,19 @@ from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import partition_for, topic_config
-from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
 from services.common.stack import run_dir
 from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
 from services.common.state.rocks import RocksMemory
 from services.common.state.stores import StoreFactory, restore_start, store_factory
+from services.common.transactions import (
+    FencedError,
+    Outgoing,
+    TransactionFailedError,
+    Transactions,
+    fence,
+    transactions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +72,6 @@ EXPIRY_SWEEP_LIMIT = 1000
 DEFAULT_DELETE_RETENTION_MS = 86_400_000
 
 FETCH_MAX_WAIT_MS = 100
-# The broker answers CONCURRENT_TRANSACTIONS while it still writes the previous commit's markers;
-# retrying after the default 100 ms would add that much to every hop.
-TRANSACTION_RETRY_BACKOFF_MS = 20
-# A whole batch's records for one partition fit one producer batch: with the default 16 KiB a
-# busy task's sends waited for earlier batches to drain, one produce round trip at a time.
-TASK_BATCH_BYTES = 512 * 1024
 # Fencing earlier owners normally takes well under a second; far longer means a broker call
 # hangs, and a member that never finishes its assignment holds its partitions hostage.
 FENCE_TIMEOUT_S = 60.0
@@ -107,15 +107,6 @@ class Incoming:
             if found == name:
                 return value
         return None
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    partition: int | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class StreamApp(Protocol):
@@ -239,7 +230,7 @@ class TransactionalRunner:
         self._in_process = {settings.topic(topic): topic for topic in app.in_process}
         self._handover = _Handover()
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: Transactions | None = None
         self._transactional_id = ""
         # Unique per process start: a restarted or second instance never shares ids with this one.
         self._incarnation = uuid.uuid4().hex[:12]
@@ -474,50 +465,31 @@ class TransactionalRunner:
         # position that has not moved since keeps that tag, so later commits carry only what moved.
         tagged = offsets if self._tagged else positions
         changelog = self.settings.topic(self.app.changelog)
-        changelog_writes: dict[int, list[asyncio.Future[Any]]] = {}
-        requests: list[asyncio.Future[Any]] = []
+        records: list[Outgoing] = []
+        requests: list[int] = []  # where in `records` the requests sent through their topic are
+        last_changelog_write: dict[int, int] = {}
+        for partition, context in contexts.items():
+            requests += [len(records) + i for i, out in enumerate(context.outbox) if out.topic in self._in_process]
+            records += context.outbox
+            records += [
+                Outgoing(changelog, record.key.encode(), record.value, partition, tuple(_expiry_headers(record)))
+                for record in changes[partition]
+            ]
+            if changes[partition]:
+                last_changelog_write[partition] = len(records) - 1
         try:
-            async with producer.transaction():
-                deliveries = []
-                for partition, context in contexts.items():
-                    sent = [
-                        (
-                            out,
-                            await producer.send(
-                                out.topic, out.value, key=out.key, partition=out.partition, headers=list(out.headers)
-                            ),
-                        )
-                        for out in context.outbox
-                    ]
-                    deliveries += [future for _out, future in sent]
-                    requests += [future for out, future in sent if out.topic in self._in_process]
-                    changelog_writes[partition] = [
-                        await producer.send(
-                            changelog,
-                            record.value,
-                            key=record.key.encode(),
-                            partition=partition,
-                            headers=_expiry_headers(record),
-                        )
-                        for record in changes[partition]
-                    ]
-                    deliveries += changelog_writes[partition]
-                # Whoever takes a partition over reads from the tag which producer it must fence.
-                if tagged:
-                    await producer.send_offsets_to_transaction(
-                        {tp: (offset, self._transactional_id) for tp, offset in tagged.items()}, self.group_id
-                    )
-                # Every record's outcome is read here, so a failed send fails this transaction
-                # (and is never left as an unobserved error).
-                await asyncio.gather(*deliveries)
-        except ProducerFenced as error:
+            # Whoever takes a partition over reads from the tag which producer it must fence.
+            written = await producer.commit(
+                records, {tp: (offset, self._transactional_id) for tp, offset in tagged.items()}, self.group_id
+            )
+        except FencedError as error:
             # Another instance took our partitions over while we were stalled: we are a zombie. Our
             # transaction is void; the only safe course is to stop and start again from the group.
             self._rollback()
             self.stop()  # and take no new assignment while the consumer leaves the group
             await self._release_assignment()
             raise TaskFencedError(f"{self.app.name} ({self._transactional_id}) was fenced by a newer owner") from error
-        except KafkaError:
+        except TransactionFailedError:
             # The transaction was aborted: start again from what was committed.
             log.exception("transaction failed; resuming from the last commit", extra={"service": self.app.name})
             self._rollback()
@@ -527,15 +499,14 @@ class TransactionalRunner:
         self._positions = positions
         self._tagged = True
         self._handover.committed(
-            (TopicPartition(sent.topic, sent.partition), sent.offset) for sent in (done.result() for done in requests)
+            (TopicPartition(written[i].topic, written[i].partition), written[i].offset) for i in requests
         )
         # Only now, with the transaction committed, do its changes reach the stores, each batch with
         # the changelog position it brings the store to.
         now_ms = int(self.clock().timestamp() * 1000)
         for partition, store in self._stores.items():
-            written = changelog_writes.get(partition)
-            checkpoint = Checkpoint(written[-1].result().offset + 1, now_ms) if written else None
-            store.commit(checkpoint)
+            last = last_changelog_write.get(partition)
+            store.commit(Checkpoint(written[last].offset + 1, now_ms) if last is not None else None)
         for partition, context in contexts.items():
             self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
@@ -568,7 +539,7 @@ class TransactionalRunner:
         await self._release_assignment()
         self._assignments += 1
         self._transactional_id = f"{self.group_id}-{self._incarnation}-{self._assignments}"
-        self._producer = self._new_producer()
+        self._producer = transactions(self.settings, self._transactional_id)
         started = time.monotonic()
         async with asyncio.timeout(FENCE_TIMEOUT_S):
             await self._producer.start()
@@ -605,7 +576,8 @@ class TransactionalRunner:
         try:
             while True:
                 found = await admin.list_consumer_group_offsets(self.group_id, partitions=assigned)
-                owners = {meta.metadata for meta in found.values() if meta.offset >= 0 and meta.metadata}
+                # librdkafka sends an offset's metadata with its C string's terminating NUL.
+                owners = {meta.metadata.rstrip("\0") for meta in found.values() if meta.offset >= 0 and meta.metadata}
                 unfenced = owners - fenced - {self._transactional_id}
                 if not unfenced:
                     return {tp: meta.offset for tp, meta in found.items() if meta.offset >= 0}
@@ -615,26 +587,14 @@ class TransactionalRunner:
             await admin.close()
 
     async def _fence(self, transactional_id: str) -> None:
-        producer = make_producer(self.settings, transactional_id=transactional_id)
-        # Starting is the fence: the broker bumps the id's epoch and settles its open transaction.
-        await producer.start()
-        await producer.stop()
+        await fence(self.settings, transactional_id)
         log.info("fenced an earlier owner", extra={"service": self.app.name, "transactional_id": transactional_id})
-
-    def _new_producer(self) -> AIOKafkaProducer:
-        return make_producer(
-            self.settings,
-            transactional_id=self._transactional_id,
-            linger_ms=2,
-            retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS,
-            max_batch_size=TASK_BATCH_BYTES,
-        )
 
     async def _restart_producer(self) -> None:
         old = self._producer
         assert old is not None
         await old.stop()
-        self._producer = self._new_producer()
+        self._producer = transactions(self.settings, self._transactional_id)
         await self._producer.start()
 
     async def _restore(self, partitions: Sequence[int]) -> dict[int, KeyedStore]:

@@ -67,6 +67,12 @@ class ChoreoSettings(BaseSettings):
         "latency); more lets one transaction carry more records (higher throughput, each hop up to this much later).",
     )
 
+    transaction_client: Literal["aiokafka", "confluent"] = Field(
+        default="aiokafka",
+        description="Client library of the services' transactional producers: `aiokafka` (Python) or "
+        "`confluent` (librdkafka, the protocol in C).",
+    )
+
     order_retention: Duration = Field(
         default=timedelta(days=7),
         description="How long a finished order is remembered (as a small marker) before its state is deleted; "

@@ -21,9 +21,10 @@ from schemas.envelope import Envelope, Source
 from schemas.events import Address, Event, OrderLine, OrderPlaced
 from schemas.topics import DEAD_LETTER, STOCK_REPLIES, STOCK_REQUESTS, Topic, topic_of
 from services.common.kafka import partition_for
-from services.common.processor import Incoming, Outgoing, TaskContext
+from services.common.processor import Incoming, TaskContext
 from services.common.saga import order_key
 from services.common.state import KeyedStore
+from services.common.transactions import Outgoing
 from services.inventory.app import InventoryApp, stock_levels
 from services.inventory.domain import InventoryOrder, SkuStock, StockReply, StockRequest
 from services.inventory.settings import InventorySettings

@@ -29,9 +29,10 @@ from schemas.events import (
 )
 from schemas.topics import ALL_TOPICS, DEAD_LETTER, LEDGER_REPLIES, LEDGER_REQUESTS, Topic, topic_of
 from services.common.kafka import partition_for
-from services.common.processor import Incoming, Outgoing, TaskContext
+from services.common.processor import Incoming, TaskContext
 from services.common.saga import order_key
 from services.common.state import KeyedStore
+from services.common.transactions import Outgoing
 from services.payment.app import PaymentApp, customer_key, ledger_balances
 from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
 from services.payment.refunds import (
