@@ -551,6 +551,7 @@ class TransactionalRunner:
             "took assignment",
             extra={
                 "service": self.app.name,
+                "transaction_client": self.settings.transaction_client,
                 "producer_s": round(producer_started - started, 3),
                 "fence_s": round(fenced - producer_started, 3),
                 "restore_s": round(time.monotonic() - fenced, 3),
