@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiokafka import TopicPartition
 from aiokafka.structs import RecordMetadata
 
-from benchmarks import profile, raw_pipeline
+from benchmarks import broker_profile, profile, raw_pipeline
+from benchmarks.profile import Profile
 from schemas.envelope import Envelope, Source
 from schemas.events import (
     Address,
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("benchmarks.saga_bench")
 
 SERVICES: tuple[str, ...] = ("audit", "shipping", "approval", "payment", "inventory")
+BROKER = "broker (jvm)"
 # The benchmark process itself: it generates the load and watches the audit topic, so it is not the stack's cost.
 LOAD_GENERATOR = "benchmark"
 OUTCOMES: tuple[str, ...] = ("completed", "rejected", "declined", "shipping_failed")
@@ -553,6 +555,8 @@ class Report:
     processes: list[ProcessFigures] = field(default_factory=list)
     # With --profile: each service's samples by kind of work, during one more step at the flat rate.
     profile: dict[str, profile.Profile] = field(default_factory=dict)
+    # And the broker's samples by request, from a JFR recording during the same step.
+    broker_profile: Profile | None = None
     wall_s: float = math.nan
 
 
@@ -640,6 +644,7 @@ def render(report: Report) -> str:
     lines.append("   total: the path's processes and the broker, without the benchmark)")
     lines.append(f"  choreo unexpected outcomes: {report.choreo.unexpected_outcomes}; wall time {report.wall_s:.0f} s")
     lines += profile.render(report.profile)
+    lines += broker_profile.render(report.broker_profile)
     return "\n".join(lines) + "\n"
 
 
@@ -868,9 +873,13 @@ class Bench:
             return
         pids = {process.name: process.pid for process in path.watched if process.name in SERVICES}
         log.info("profiling %s at %.0f/s into %s", ", ".join(pids), rate, self.args.profile)
-        with profile.recording(pids, self.args.profile) as paths:
+        broker = next((process.pid for process in path.watched if process.name == BROKER), None)
+        with contextlib.ExitStack() as recordings:
+            paths = recordings.enter_context(profile.recording(pids, self.args.profile))
+            jfr = recordings.enter_context(broker_profile.recording(broker, self.args.profile)) if broker else None
             await self.step(path, rate)
         self.report.profile = profile.read_profiles(paths)
+        self.report.broker_profile = broker_profile.read(jfr)
 
     async def latency(self, path: UnderTest) -> None:
         figures = path.figures
@@ -1019,7 +1028,7 @@ def run(args: argparse.Namespace) -> int:
         nonlocal bench
         watched: list[Watched] = []
         if where.broker_pid is not None:
-            watched.append(Watched("broker (jvm)", where.broker_pid))
+            watched.append(Watched(BROKER, where.broker_pid))
         watched.append(Watched(LOAD_GENERATOR, os.getpid()))
         settings = ChoreoSettings(
             bootstrap_servers=where.bootstrap,
@@ -1167,7 +1176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="one more step at the flat rate with py-spy on every service; raw profiles go to DIR",
+        help="one more step at the flat rate, py-spy on every service and JFR on the broker; raw profiles go to DIR",
     )
 
 
