@@ -73,23 +73,27 @@ async def test_a_commit_interval_carries_many_records_in_one_transaction(choreo_
 
 
 async def test_a_clean_stop_commits_what_the_interval_still_held(choreo_settings: ChoreoSettings) -> None:
-    # Given a runner whose interval is far longer than the test
+    # Given a runner whose interval is far longer than the test, which has just committed (a record
+    # after a quiet interval commits at once)
     settings = choreo_settings.model_copy(update={"commit_interval": timedelta(minutes=10)})
     await ensure_topics(settings)
     runner = TransactionalRunner(settings, Echo())
     running = asyncio.create_task(runner.run())
     await asyncio.wait_for(runner.wait_assigned(), 60)
+    await publish_to(settings, ORDERS, [("first", "first")])
+    await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) == 1, timeout=60)
+    # And has handled more records since, within its interval
     await publish(settings, RECORDS)
-    await eventually(lambda: asyncio.sleep(0, runner.stats.batches), lambda batches: batches > 0, timeout=60)
+    await eventually(lambda: asyncio.sleep(0, runner.stats.batches), lambda batches: batches > 1, timeout=60)
     await eventually(runner.lag, lambda behind: behind == 0, timeout=60)
-    assert await read_topic(settings, AUDIT) == []  # nothing committed yet
+    assert len(await read_topic(settings, AUDIT)) == 1  # nothing more committed yet
     # When it is stopped
     runner.stop()
     await asyncio.wait_for(running, 60)
     # Then what it had handled is committed: the outputs and the input offsets
     copied = await read_topic(settings, AUDIT)
-    assert len(copied) == RECORDS
-    assert await committed_total(settings, settings.group(Echo.name)) == RECORDS
+    assert len(copied) == RECORDS + 1
+    assert await committed_total(settings, settings.group(Echo.name)) == RECORDS + 1
 
 
 class TwoStages:

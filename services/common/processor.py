@@ -20,7 +20,7 @@ A request between two stages of a service (an order's task asks a SKU's or a cus
 handed over in process when this instance owns the target task and has read everything already on
 the target partition: it then lands in the same transaction as the record that caused it, with no
 topic record, broker round trip or wait for a commit in between. Otherwise it goes through its
-topic, and the order of each order's requests is kept either way (see `_caught_up`).
+topic, and the order of each order's requests is kept either way (see `_Handover`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import asyncio
 import base64
 import heapq
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -246,7 +247,7 @@ class TransactionalRunner:
         self._pending: dict[int, TaskContext] = {}
         self._pending_offsets: dict[TopicPartition, int] = {}
         self._pending_records = 0
-        self._pending_since = 0.0
+        self._last_commit = -math.inf
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
@@ -296,8 +297,8 @@ class TransactionalRunner:
                 # Wait no longer than the next tick (or commit) is due, so timers fire on time under any load.
                 wait = self._last_tick + self.tick_interval - time.monotonic()
                 if self._pending:
-                    wait = min(wait, self._pending_since + self._commit_interval - time.monotonic())
-                batch = await consumer.getmany(timeout_ms=max(0, int(wait * 1000)))
+                    wait = min(wait, self._last_commit + self._commit_interval - time.monotonic())
+                batch = await consumer.getmany(timeout_ms=int(max(0.0, wait) * 1000))
                 async with self._work_lock:
                     await self._process(batch)
                 self.heap.trim_if_due()
@@ -342,8 +343,6 @@ class TransactionalRunner:
         consumer = self._consumer
         if self._producer is None or consumer is None:
             return
-        if not self._pending:
-            self._pending_since = time.monotonic()
         by_task: dict[int, dict[TopicPartition, list[Any]]] = {}
         for tp, rows in batch.items():
             if rows and tp.partition in self._stores:
@@ -366,7 +365,9 @@ class TransactionalRunner:
         if self._handover.backlogged:
             for tp in list(self._handover.backlogged):
                 self._handover.positioned(tp, await consumer.position(tp))
-        due = time.monotonic() - self._pending_since >= self._commit_interval
+        # At most one transaction per interval, the first at once: a lone record is never held back,
+        # while under load the records of one interval share one transaction.
+        due = time.monotonic() - self._last_commit >= self._commit_interval
         if due or self._pending_records >= self.max_batch:
             await self._flush()
 
@@ -510,6 +511,7 @@ class TransactionalRunner:
         for partition, context in contexts.items():
             self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
+        self._last_commit = time.monotonic()
 
     def _rollback(self) -> None:
         for store in self._stores.values():
