@@ -486,10 +486,13 @@ class TransactionalRunner:
         except FencedError as error:
             # Another instance took our partitions over while we were stalled: we are a zombie. Our
             # transaction is void; the only safe course is to stop and start again from the group.
+            fenced = TaskFencedError(f"{self.app.name} ({self._transactional_id}) was fenced by a newer owner")
+            # Kept as well as raised: met in a rebalance listener, the error would end with aiokafka's log.
+            self._failure = fenced
             self._rollback()
             self.stop()  # and take no new assignment while the consumer leaves the group
             await self._release_assignment()
-            raise TaskFencedError(f"{self.app.name} ({self._transactional_id}) was fenced by a newer owner") from error
+            raise fenced from error
         except TransactionFailedError:
             # The transaction was aborted: start again from what was committed.
             log.exception("transaction failed; resuming from the last commit", extra={"service": self.app.name})

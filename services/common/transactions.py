@@ -108,28 +108,37 @@ class AiokafkaTransactions:
         self, records: Sequence[Outgoing], offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str
     ) -> list[Written]:
         producer = self._producer
+        deliveries: list[asyncio.Future[Any]] = []
         try:
             async with producer.transaction():
-                deliveries = [
-                    await producer.send(
-                        record.topic,
-                        record.value,
-                        key=record.key,
-                        partition=record.partition,
-                        headers=list(record.headers),
+                for record in records:
+                    deliveries.append(
+                        await producer.send(
+                            record.topic,
+                            record.value,
+                            key=record.key,
+                            partition=record.partition,
+                            headers=list(record.headers),
+                        )
                     )
-                    for record in records
-                ]
                 if offsets:
                     await producer.send_offsets_to_transaction(dict(offsets), group_id)
                 # Every record's outcome is read here, so a failed send fails this transaction
                 # (and is never left as an unobserved error).
                 sent = await asyncio.gather(*deliveries)
         except ProducerFenced as error:
+            _observe(deliveries)
             raise FencedError(str(error)) from error
         except KafkaError as error:
+            _observe(deliveries)
             raise TransactionFailedError(repr(error)) from error
         return [Written(meta.topic, meta.partition, meta.offset) for meta in sent]
+
+
+def _observe(deliveries: list[asyncio.Future[Any]]) -> None:
+    """The sends of a failed transaction fail with it: read their errors, which that failure reports."""
+    for delivery in deliveries:
+        delivery.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class ConfluentTransactions:
