@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.profile import Profile
+from benchmarks.profile import Profile, compiled
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,8 @@ API_KINDS = {
     "InitProducerId": "transactions: init producer",
 }
 # (job, pattern of the thread's name) for samples outside a request handler.
-THREAD_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (job, re.compile(pattern))
-    for job, pattern in (
+THREAD_KINDS = compiled(
+    (
         ("network threads (sockets)", r"network-thread"),
         ("transactions: marker sender", r"TxnMarkerSender"),
         ("transactions: verification sender", r"AddPartitionsToTxnSender"),
@@ -131,14 +130,7 @@ def summarize(events: list[dict[str, Any]], top: int = 12) -> Profile:
         kinds[kind_of(thread, methods)] += 1
         if methods:
             own[f"{methods[0][0]}.{methods[0][1]}"] += 1
-    total = sum(kinds.values())
-    if total == 0:
-        return Profile()
-    return Profile(
-        samples=total,
-        kinds={kind: count / total for kind, count in kinds.most_common()},
-        top_self=[(name, count / total) for name, count in own.most_common(top)],
-    )
+    return Profile.of(kinds, own, top)
 
 
 def _method(frame: dict[str, Any]) -> tuple[str, str]:

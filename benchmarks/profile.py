@@ -24,11 +24,16 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 100
 
+
+def compiled(patterns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """(kind, regular expression) pairs with each expression compiled."""
+    return tuple((kind, re.compile(pattern)) for kind, pattern in patterns)
+
+
 # (kind of work, pattern of a frame's "function (file:line)"), tried from the innermost frame out:
 # the first frame that matches any pattern names the sample's kind.
-KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (kind, re.compile(pattern))
-    for kind, pattern in (
+KINDS = compiled(
+    (
         ("socket writes", r"_SelectorSocketTransport\.write|socket\.send"),
         ("waiting in select", r"\(selectors\.py"),
         ("logging", r"\(logging/|services/common/logs\.py"),
@@ -52,6 +57,18 @@ class Profile:
     kinds: dict[str, float] = field(default_factory=dict)  # share of samples
     top_self: list[tuple[str, float]] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, kinds: Counter[str], own: Counter[str], top: int = 12) -> Profile:
+        """Shares from sample counts by kind and by the function each sample was in."""
+        total = sum(kinds.values())
+        if total == 0:
+            return cls()
+        return cls(
+            samples=total,
+            kinds={kind: count / total for kind, count in kinds.most_common()},
+            top_self=[(name, count / total) for name, count in own.most_common(top)],
+        )
+
 
 def kind_of(frames: list[str]) -> str:
     for frame in reversed(frames):
@@ -65,23 +82,15 @@ def summarize(collapsed: str, top: int = 12) -> Profile:
     """A py-spy `--format raw` profile (one `frame;frame;... count` line per stack) summed up."""
     kinds: Counter[str] = Counter()
     own: Counter[str] = Counter()
-    total = 0
     for line in collapsed.splitlines():
         stack, _, count = line.rstrip().rpartition(" ")
         if not stack or not count.isdigit():
             continue
         samples = int(count)
         frames = stack.split(";")
-        total += samples
         kinds[kind_of(frames)] += samples
         own[_short(frames[-1])] += samples
-    if total == 0:
-        return Profile()
-    return Profile(
-        samples=total,
-        kinds={kind: count / total for kind, count in kinds.most_common()},
-        top_self=[(name, count / total) for name, count in own.most_common(top)],
-    )
+    return Profile.of(kinds, own, top)
 
 
 def _short(frame: str) -> str:
