@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -174,7 +175,14 @@ class ConfluentTransactions:
         source = self._metadata_sources.get(group_id)
         if source is None:
             # Never subscribes: its metadata names the group with no member or generation.
-            source = Consumer({**confluent_options(self._settings), "group.id": group_id, "enable.auto.commit": False})
+            source = Consumer(
+                {
+                    **confluent_options(self._settings),
+                    "group.id": group_id,
+                    "enable.auto.commit": False,
+                    "logger": LIBRDKAFKA_LOG,
+                }
+            )
             self._metadata_sources[group_id] = source
         return source.consumer_group_metadata()
 
@@ -199,9 +207,13 @@ class ConfluentTransactions:
             await asyncio.to_thread(producer.commit_transaction, CALL_TIMEOUT_S)
         except KafkaException as exception:
             raise await self._failed(exception) from exception
-        producer.poll(0)  # delivery reports not yet served by the commit's flush
+        # The commit means every record was delivered; their reports may still wait to be served. The
+        # transaction has landed, so a missing report is never a reason to redo it.
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while any(found is None for found in written) and not failures and time.monotonic() < deadline:
+            producer.poll(0.01)
         if failures or any(found is None for found in written):
-            raise TransactionFailedError(f"committed, but deliveries are missing or failed: {failures[:3]}")
+            raise RuntimeError(f"a committed transaction's delivery reports are missing or failed: {failures[:3]}")
         return [found for found in written if found is not None]
 
     def _produce(self, record: Outgoing, on_delivery: Any) -> None:
