@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from services.common import broker as broker_module
 from services.common.broker import BrokerError, BrokerSettings, LocalBroker, PortInUseError
+from services.common.broker import node as broker_module
 from tests.kafka_fixtures import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -1,4 +1,4 @@
-"""``broker fetch|start|status|stop``: the local single-node Kafka broker from the command line.
+"""``broker fetch|start|status|stop``: the local Kafka broker, or cluster, from the command line.
 
 Like every ``choreo`` command, each subcommand stores ``handler(args, settings)``
 in the parsed namespace and it returns the process exit code. The broker reads
@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from services.common.broker import BrokerError, BrokerSettings, LocalBroker
+from services.common.broker import BrokerError, BrokerSettings, LocalCluster
 from services.common.settings import ChoreoSettings
 
 logger = logging.getLogger(__name__)
@@ -21,11 +21,11 @@ def add_broker_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     """Register ``broker fetch|start|status|stop`` under ``subparsers``."""
     broker = subparsers.add_parser(
         "broker",
-        help="run a local single-node Kafka broker (no Docker)",
+        help="run a local Kafka broker or cluster (no Docker)",
         description=(
             "Run Apache Kafka in KRaft mode from Maven artifacts. Settings come from "
-            "CHOREO_BROKER_PORT, CHOREO_BROKER_CONTROLLER_PORT, CHOREO_BROKER_RUN_DIR "
-            "and CHOREO_BROKER_HEAP."
+            "CHOREO_BROKER_PORT, CHOREO_BROKER_CONTROLLER_PORT, CHOREO_BROKER_RUN_DIR, "
+            "CHOREO_BROKER_HEAP and CHOREO_BROKER_NODES."
         ),
     )
     commands = broker.add_subparsers(dest="broker_command", metavar="COMMAND", required=True)
@@ -35,6 +35,11 @@ def add_broker_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     start = commands.add_parser("start", help="start the broker; wait until it answers")
     start.add_argument("--port", type=int, help="client port (default: CHOREO_BROKER_PORT or 9092)")
+    start.add_argument(
+        "--nodes",
+        type=int,
+        help="nodes of the cluster, each a broker and a controller on ports port, port+1, ... (default: 1)",
+    )
     start.add_argument(
         "--timeout",
         type=float,
@@ -56,20 +61,19 @@ def add_broker_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     stop.set_defaults(handler=_stop)
 
 
-def _broker(args: argparse.Namespace) -> LocalBroker:
-    port: int | None = getattr(args, "port", None)
-    settings = BrokerSettings() if port is None else BrokerSettings(port=port)
-    return LocalBroker(settings)
+def _broker(args: argparse.Namespace) -> LocalCluster:
+    overrides = {name: value for name in ("port", "nodes") if (value := getattr(args, name, None)) is not None}
+    return LocalCluster(BrokerSettings(**overrides))
 
 
 def _fetch(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
     broker = _broker(args)
     try:
-        jars = broker.resolve_classpath()
+        jars = broker.nodes[0].resolve_classpath()
     except BrokerError as exc:
         logger.error("could not fetch the Kafka jars: %s", exc)
         return 1
-    sys.stdout.write(f"{len(jars)} jars ready (classpath: {broker.classpath_file})" + "\n")
+    sys.stdout.write(f"{len(jars)} jars ready (classpath: {broker.nodes[0].classpath_file})" + "\n")
     return 0
 
 
@@ -80,22 +84,28 @@ def _start(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
     except BrokerError as exc:
         logger.error("could not start the Kafka broker: %s", exc)
         return 1
+    pids = ", ".join(map(str, result.pids))
     if result.already_running:
-        sys.stdout.write(f"already running at {result.bootstrap} (pid {result.pid})" + "\n")
+        sys.stdout.write(f"already running at {result.bootstrap} (pid {pids})" + "\n")
     else:
-        sys.stdout.write(f"ready at {result.bootstrap} (pid {result.pid}) in {result.elapsed_s:.1f}s" + "\n")
+        sys.stdout.write(f"ready at {result.bootstrap} (pid {pids}) in {result.elapsed_s:.1f}s" + "\n")
     return 0
 
 
 def _status(args: argparse.Namespace, _settings: ChoreoSettings) -> int:
+    """One line per node, then the cluster's controller and under-replicated partitions; 1 unless all are up."""
     status = _broker(args).status()
     if not status.running:
-        sys.stdout.write(f"not running (bootstrap {status.bootstrap})" + "\n")
+        sys.stdout.write(f"not running (bootstrap {_broker(args).bootstrap})" + "\n")
         return 1
-    rss = f"{status.rss_bytes / 2**20:.0f} MiB" if status.rss_bytes is not None else "unknown"
-    ready = "ready" if status.ready else "NOT answering admin requests"
-    sys.stdout.write(f"running, {ready}: pid {status.pid}, bootstrap {status.bootstrap}, rss {rss}" + "\n")
-    return 0
+    for node in status.nodes:
+        rss = f"{node.rss_bytes / 2**20:.0f} MiB" if node.rss_bytes is not None else "-"
+        state = "up" if node.up else ("down" if node.pid is None else "NOT answering")
+        sys.stdout.write(f"node {node.node_id}: {state}, pid {node.pid or '-'}, {node.bootstrap}, rss {rss}" + "\n")
+    controller = status.controller_id if status.controller_id is not None else "unknown"
+    under = status.under_replicated if status.under_replicated is not None else "unknown"
+    sys.stdout.write(f"active controller: node {controller}; under-replicated partitions: {under}" + "\n")
+    return 0 if all(node.up for node in status.nodes) else 1
 
 
 def _stop(args: argparse.Namespace, _settings: ChoreoSettings) -> int:

@@ -52,7 +52,15 @@ class ChoreoSettings(BaseSettings):
         default="", description="Prepended to every topic and group name, so several stacks share a cluster."
     )
     partitions: int = Field(default=6, ge=1, description="Partition count of every order-keyed topic.")
-    replication_factor: int = Field(default=1, ge=1)
+    replication_factor: int = Field(
+        default=1, ge=1, description="Replicas of every topic Choreo creates (3 on a cluster of three or more)."
+    )
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="min.insync.replicas of every topic Choreo creates: how many replicas must have a write "
+        "before acks=all acknowledges it. Default 2 when the replication factor is 3 or more, else 1.",
+    )
     log_level: str = "INFO"
     event_loop: EventLoopKind = Field(
         default="asyncio", description="`asyncio` (the standard library's loop) or `uvloop` (libuv, in C)."
@@ -126,6 +134,22 @@ class ChoreoSettings(BaseSettings):
     def _secrets(self) -> dict[str, SecretStr | None]:
         """Secrets to check; subclasses add their own."""
         return {"sasl_password": self.sasl_password}
+
+    @model_validator(mode="after")
+    def _enough_replicas_for_the_isr(self) -> Self:
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync_replicas}) exceeds replication_factor "
+                f"({self.replication_factor}): no write could ever be acknowledged"
+            )
+        return self
+
+    @property
+    def insync_replicas(self) -> int:
+        """The min.insync.replicas Choreo's topics get: one replica may be lost without losing availability."""
+        if self.min_insync_replicas is not None:
+            return self.min_insync_replicas
+        return 2 if self.replication_factor >= 3 else 1
 
     def topic(self, topic: Topic) -> str:
         return f"{self.topic_prefix}{topic.name}"

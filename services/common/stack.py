@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.broker import REPO_ROOT, BrokerSettings, LocalBroker
+from services.common.broker import REPO_ROOT, BrokerSettings, LocalCluster
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
 
@@ -66,8 +66,8 @@ def _log_file(name: str) -> Path:
     return run_dir() / "logs" / f"{name}.log"
 
 
-def prepare(settings: ChoreoSettings, broker: LocalBroker, *, start_broker: bool) -> ChoreoSettings:
-    """Start the local broker (unless told to use the configured one) and provision the topics."""
+def prepare(settings: ChoreoSettings, broker: LocalCluster, *, start_broker: bool) -> ChoreoSettings:
+    """Start the local broker or cluster (unless told to use the configured one) and provision the topics."""
     if start_broker:
         result = broker.start()
         log.warning(
@@ -76,13 +76,20 @@ def prepare(settings: ChoreoSettings, broker: LocalBroker, *, start_broker: bool
             "already running" if result.already_running else "started",
             result.elapsed_s,
         )
-        settings = settings.model_copy(update={"bootstrap_servers": result.bootstrap})
+        update: dict[str, object] = {"bootstrap_servers": result.bootstrap}
+        if "replication_factor" not in settings.model_fields_set:
+            update["replication_factor"] = broker.replication
+        settings = settings.model_copy(update=update)
     asyncio.run(ensure_topics(settings, update=True))
     return settings
 
 
 def spawn(settings: ChoreoSettings, names: Sequence[str], *, detach: bool) -> list[ServiceProcess]:
-    env = {**os.environ, "CHOREO_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+    env = {
+        **os.environ,
+        "CHOREO_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "CHOREO_REPLICATION_FACTOR": str(settings.replication_factor),
+    }
     started = []
     for name in names:
         log_file = _log_file(name) if detach else None
@@ -110,7 +117,7 @@ def spawn(settings: ChoreoSettings, names: Sequence[str], *, detach: bool) -> li
 
 def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *, start_broker: bool) -> int:
     """Run everything until Ctrl-C or SIGTERM, then stop the services and the broker cleanly."""
-    broker = LocalBroker(broker_settings)
+    broker = LocalCluster(broker_settings)
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -154,7 +161,7 @@ def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *,
 def up_detached(
     settings: ChoreoSettings, broker_settings: BrokerSettings, *, start_broker: bool
 ) -> list[ServiceProcess]:
-    broker = LocalBroker(broker_settings)
+    broker = LocalCluster(broker_settings)
     settings = prepare(settings, broker, start_broker=start_broker)
     running = {name for name in available_services() if _running_pid(name) is not None}
     return spawn(settings, [name for name in available_services() if name not in running], detach=True)
@@ -168,7 +175,7 @@ def down(broker_settings: BrokerSettings, *, stop_broker: bool) -> list[str]:
         _pid_file(name).unlink(missing_ok=True)
         stopped.append(name)
     if stop_broker:
-        LocalBroker(broker_settings).stop()
+        LocalCluster(broker_settings).stop()
         stopped.append("broker")
     return stopped
 

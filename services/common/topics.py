@@ -132,6 +132,7 @@ def topic_retention(settings: ChoreoSettings, topic: Topic) -> timedelta:
 def wanted_config(settings: ChoreoSettings, topic: Topic) -> dict[str, str]:
     """The configuration `ensure_topics` gives a topic: the registry's policy and the settings' retention."""
     config = dict(topic.config)
+    config["min.insync.replicas"] = str(settings.insync_replicas)
     policy = config.get("cleanup.policy", "delete")
     if "delete" in policy:
         config["retention.ms"] = _ms(topic_retention(settings, topic))

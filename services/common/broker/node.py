@@ -1,4 +1,4 @@
-"""A real single-node Apache Kafka (KRaft) broker for dev, tests and CI.
+"""One real Apache Kafka (KRaft) node for dev, tests and CI: a broker and controller in one JVM.
 
 The broker runs from the Maven artifacts declared in ``broker/pom.xml`` (no
 Docker, no Kafka tarball): Maven resolves the jars into the local repository
@@ -6,7 +6,7 @@ once, and ``kafka.Kafka`` is launched as a detached JVM whose state lives in a
 run directory::
 
     <run dir>/server.properties   broker config, rewritten on every start
-    <run dir>/log4j.properties    logging config for the broker JVM
+    <run dir>/log4j2.properties   logging config for the broker JVM
     <run dir>/classpath.txt       resolved jars (reused while newer than the pom)
     <run dir>/broker.pid          pid of the running JVM
     <run dir>/data/               log.dirs (topic data and the KRaft metadata log)
@@ -56,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_POM = REPO_ROOT / "broker" / "pom.xml"
 DEFAULT_RUN_DIR = REPO_ROOT / ".run" / "broker"
 
@@ -94,6 +94,8 @@ class BrokerSettings(BaseSettings):
     run_dir: Path = DEFAULT_RUN_DIR
     heap: str = Field(default="512m", pattern=r"^[1-9][0-9]*[kKmMgG]?$")
     pom: Path = DEFAULT_POM
+    # 1: one node in the run dir itself; more: node-1, node-2, ... under it, on ports port, port+1, ...
+    nodes: int = Field(default=1, ge=1, le=9)
 
     @property
     def bootstrap(self) -> str:
@@ -125,8 +127,21 @@ class LocalBroker:
     shared state, so ``choreo broker stop`` stops a broker a test started.
     """
 
-    def __init__(self, settings: BrokerSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings | None = None,
+        *,
+        node_id: int = 1,
+        voters: str | None = None,
+        replication: int = 1,
+        cluster_id: str | None = None,
+    ) -> None:
+        """One node; a cluster's nodes share `voters` (the KRaft quorum), `replication` and `cluster_id`."""
         self._settings = settings if settings is not None else BrokerSettings()
+        self._node_id = node_id
+        self._voters = voters
+        self._replication = replication
+        self._given_cluster_id = cluster_id
         self._run_dir = self._settings.run_dir.expanduser().resolve()
         # Only set in the process that launched the JVM: used to reap it so an
         # exited broker does not linger as a zombie that still looks alive.
@@ -198,18 +213,30 @@ class LocalBroker:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> StartResult:
+    @property
+    def node_id(self) -> int:
+        return self._node_id
+
+    def pid(self) -> int | None:
+        """The running JVM's pid, or None."""
+        return self._running_pid()
+
+    def start(self, timeout: float = 60.0, *, wait: bool = True) -> StartResult:
         """Start the broker and return once it answers an admin request.
 
         ``timeout`` bounds the wait from JVM launch to readiness; resolving the
         jars (first run only) has its own budget. Starting an already running
         broker is a no-op, and starting on an existing data dir keeps its data.
+        With ``wait=False`` it returns once the JVM is launched: a node of a
+        cluster answers only once a quorum of controllers runs.
         """
         started_at = time.monotonic()
         self._run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             pid = self._running_pid()
             if pid is not None:
+                if not wait:
+                    return StartResult(self.bootstrap, pid, True, time.monotonic() - started_at)
                 return self._attach(pid, started_at, timeout)
             self._remove_pid_file()
 
@@ -223,6 +250,8 @@ class LocalBroker:
             self._write_server_properties(controller_port)
             self._format_storage(java, classpath)
             proc = self._launch(java, classpath)
+            if not wait:
+                return StartResult(self._settings.bootstrap, proc.pid, False, time.monotonic() - started_at)
             try:
                 self._wait_ready(proc.pid, time.monotonic() + timeout)
             except BaseException:
@@ -240,6 +269,39 @@ class LocalBroker:
             elapsed,
         )
         return StartResult(self._settings.bootstrap, proc.pid, False, elapsed)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the running node answers an admin request and lists itself."""
+        pid = self._running_pid()
+        if pid is None:
+            raise BrokerError(f"no broker of {self._run_dir} is running")
+        try:
+            self._wait_ready(pid, time.monotonic() + timeout)
+        except BaseException:
+            logger.warning("broker pid %d failed to start; making sure it is gone", pid)
+            self._signal_and_wait(pid, signal.SIGKILL, KILL_WAIT_S)
+            self._remove_pid_file()
+            raise
+
+    def terminate(self) -> None:
+        """Ask a running node to shut down (SIGTERM) without waiting; `stop` waits."""
+        pid = self._running_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def pause(self) -> None:
+        """SIGSTOP the node: it holds its sockets but answers nothing, as a node cut off would."""
+        self._signal_running(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_running(signal.SIGCONT)
+
+    def _signal_running(self, sig: signal.Signals) -> None:
+        pid = self._running_pid()
+        if pid is None:
+            raise BrokerError(f"no broker of {self._run_dir} is running")
+        os.kill(pid, sig)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Shut the broker down cleanly (SIGTERM), SIGKILL after ``timeout``.
@@ -373,15 +435,18 @@ class LocalBroker:
             raise PortInUseError(f"{role} port {self._settings.host}:{port} is already in use by another process")
 
     def _write_log4j_config(self) -> None:
-        _atomic_write(self._run_dir / "log4j.properties", _LOG4J_PROPERTIES)
+        _atomic_write(self._run_dir / "log4j2.properties", _LOG4J2_PROPERTIES)
 
     def _write_server_properties(self, controller_port: int) -> None:
         host, port = self._settings.host, self._settings.port
+        replicas = self._replication
+        # A cluster of three keeps taking writes with one node down, and never acknowledges a write only one has.
+        insync = 2 if replicas >= 3 else 1
         props: dict[str, str | int] = {
             "process.roles": "broker,controller",
-            "node.id": 1,
+            "node.id": self._node_id,
             # Static voters: no --standalone/--initial-controllers at format time.
-            "controller.quorum.voters": f"1@{host}:{controller_port}",
+            "controller.quorum.voters": self._voters or f"{self._node_id}@{host}:{controller_port}",
             "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
             "advertised.listeners": f"PLAINTEXT://{host}:{port}",
             "controller.listener.names": "CONTROLLER",
@@ -389,12 +454,16 @@ class LocalBroker:
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": 6,
-            "default.replication.factor": 1,
-            "min.insync.replicas": 1,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": insync,
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": 1,
-            "transaction.state.log.replication.factor": 1,
-            "transaction.state.log.min.isr": 1,
+            "offsets.topic.replication.factor": replicas,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": insync,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": insync,
+            # Never elect a replica that missed acknowledged writes.
+            "unclean.leader.election.enable": "false",
             # Fewer internal partitions than the production default (50): the
             # first consumer group and the first transaction create these
             # topics, and each partition costs start-up and recovery work.
@@ -471,6 +540,9 @@ class LocalBroker:
         # Chosen once per data dir (format needs it before meta.properties
         # exists); living inside the data dir, wipe() forgets it too.
         path = self.data_dir / "cluster.id"
+        if self._given_cluster_id is not None:
+            _atomic_write(path, self._given_cluster_id + "\n")
+            return self._given_cluster_id
         try:
             return path.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
@@ -480,7 +552,7 @@ class LocalBroker:
 
     def _logging_jvm_args(self) -> list[str]:
         return [
-            f"-Dlog4j.configuration={(self._run_dir / 'log4j.properties').as_uri()}",
+            f"-Dlog4j2.configurationFile={(self._run_dir / 'log4j2.properties').as_uri()}",
             f"-Dkafka.logs.dir={self.logs_dir}",
         ]
 
@@ -611,19 +683,29 @@ class LocalBroker:
         return "".join(parts) if parts else f"\n(no broker output in {self.logs_dir})"
 
 
-_LOG4J_PROPERTIES = """\
+_LOG4J2_PROPERTIES = """\
 # Written by LocalBroker. One rolling file instead of Kafka's split
 # server/controller/state-change logs: easier to tail when a test fails.
-log4j.rootLogger=INFO, file
-log4j.appender.file=org.apache.log4j.RollingFileAppender
-log4j.appender.file.File=${kafka.logs.dir}/server.log
-log4j.appender.file.MaxFileSize=20MB
-log4j.appender.file.MaxBackupIndex=5
-log4j.appender.file.layout=org.apache.log4j.PatternLayout
-log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
-log4j.logger.kafka.request.logger=WARN
-log4j.logger.kafka.network.RequestChannel$=WARN
-log4j.logger.kafka.authorizer.logger=WARN
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = ${sys:kafka.logs.dir}/server.log
+appender.file.filePattern = ${sys:kafka.logs.dir}/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 5
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.channel.name = kafka.network.RequestChannel$
+logger.channel.level = WARN
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
 """
 
 
@@ -714,7 +796,7 @@ def _find_java() -> str:
         logger.warning("JAVA_HOME=%s has no bin/java; looking on PATH", java_home)
     java = shutil.which("java")
     if java is None:
-        raise BrokerError("java not found (set JAVA_HOME or put java on PATH); Kafka needs Java 11+")
+        raise BrokerError("java not found (set JAVA_HOME or put java on PATH); Kafka 4 needs Java 17+")
     return java
 
 
