@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Validate docker-compose.yml and check that it runs every service module.
+# Validate docker-compose.yml (alone and with docker-compose.cluster.yml) and check that it runs every
+# service module.
 #
 #   bash scripts/check-compose.sh
 #
@@ -17,6 +18,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMPOSE_FILE="$ROOT/docker-compose.yml"
+CLUSTER_FILE="$ROOT/docker-compose.cluster.yml"
 NOT_SERVICES="cli common"
 
 fail() {
@@ -79,6 +81,14 @@ if [ -s "$stderr_file" ]; then
     fail "docker-compose warned about $COMPOSE_FILE (see above); fix the file, or give the variable a default"
 fi
 echo "check-compose: docker-compose config: ok"
+
+# 1b. The three-node cluster override, merged onto it, is valid too and warns about nothing.
+if ! PYTHONWARNINGS=ignore docker-compose --project-directory "$ROOT" -f "$COMPOSE_FILE" -f "$CLUSTER_FILE" \
+        config -q 2>"$stderr_file" || [ -s "$stderr_file" ]; then
+    cat "$stderr_file" >&2
+    fail "docker-compose rejected or warned about $CLUSTER_FILE merged onto $COMPOSE_FILE (see above)"
+fi
+echo "check-compose: docker-compose config with the cluster override: ok"
 
 # 2. Every service module has a compose service running it.
 python_bin="$(pick_python)"

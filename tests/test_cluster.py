@@ -5,6 +5,7 @@ The cluster is this module's own (it kills nodes); every wait polls against a de
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.topics import ORDERS
 from services.common.broker import BrokerSettings, ClusterStatus, LocalCluster
 from services.common.settings import ChoreoSettings
-from services.common.topics import ensure_topics
+from services.common.topics import describe_topics, ensure_topics
 from tests.kafka_fixtures import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -98,11 +99,23 @@ async def test_topics_are_replicated_and_a_killed_leader_loses_no_acknowledged_w
 
     seen = await _read_committed(cluster.bootstrap, topic, len(acknowledged))
     assert seen == acknowledged
+    # What `choreo topics describe` shows: the dead node leaves the in-sync replicas, and is back after its restart.
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        [described] = await describe_topics(settings, [ORDERS])
+        if all(leader not in placement.isr for placement in described.placement):
+            break
+        assert time.monotonic() < deadline, f"node {leader} still in sync: {described.placement}"
+        await asyncio.sleep(0.5)
+    assert all(placement.under_replicated for placement in described.placement)
+    assert all(placement.leader not in (None, leader) for placement in described.placement)
     new_leader = int(next(p["leader"] for p in await _partitions(cluster.bootstrap, topic) if p["partition"] == 0))  # type: ignore[call-overload]
     assert new_leader != leader
 
     cluster.node(leader).start(timeout=120)
     _poll_status(cluster, lambda s: all(n.up for n in s.nodes) and s.under_replicated == 0)
+    [described] = await describe_topics(settings, [ORDERS])
+    assert not any(placement.under_replicated for placement in described.placement)
 
 
 async def _read_committed(bootstrap: str, topic: str, count: int) -> list[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -153,3 +154,60 @@ def test_approval_publishes_its_api_and_has_a_token(
     approval = services["approval"]
     assert "8000:8000" in [str(port) for port in approval.get("ports", [])]
     assert "CHOREO_APPROVAL_TOKEN" in _environment(approval)
+
+
+CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
+KAFKA_NODES = ("kafka", "kafka-2", "kafka-3")
+
+
+@pytest.fixture(scope="module")
+def cluster_services() -> dict[str, dict[str, Any]]:
+    """The services of docker-compose.yml with the cluster override merged on, as docker-compose merges them."""
+    result = subprocess.run(
+        [
+            "docker-compose",
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(CLUSTER_FILE),
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    merged: dict[str, dict[str, Any]] = yaml.safe_load(result.stdout)["services"]
+    return merged
+
+
+def test_cluster_override_runs_three_nodes_of_one_quorum(cluster_services: dict[str, dict[str, Any]]) -> None:
+    nodes = {name: _environment(cluster_services[name]) for name in KAFKA_NODES}
+    assert sorted(env["KAFKA_NODE_ID"] for env in nodes.values()) == ["1", "2", "3"]
+    assert len({env["CLUSTER_ID"] for env in nodes.values()}) == 1
+    voters = {env["KAFKA_CONTROLLER_QUORUM_VOTERS"] for env in nodes.values()}
+    assert voters == {"1@kafka:9093,2@kafka-2:9093,3@kafka-3:9093"}
+    for name, env in nodes.items():
+        assert f"INTERNAL://{name}:19092" in env["KAFKA_ADVERTISED_LISTENERS"]
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "2"
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+        assert "healthcheck" in cluster_services[name]
+    external = {str(port) for name in KAFKA_NODES for port in cluster_services[name].get("ports", [])}
+    assert len(external) == 3, f"each node needs its own host port: {external}"
+
+
+def test_cluster_override_gives_every_client_all_nodes_and_three_replicas(
+    cluster_services: dict[str, dict[str, Any]],
+) -> None:
+    clients = {name: s for name, s in cluster_services.items() if _module(s) is not None or name == "topics"}
+    assert set(clients) >= APP_SERVICES | {"topics"}
+    for name, service in clients.items():
+        env = _environment(service)
+        assert env["CHOREO_BOOTSTRAP_SERVERS"].split(",") == [f"{node}:19092" for node in KAFKA_NODES], name
+        assert env["CHOREO_REPLICATION_FACTOR"] == "3", name
+        assert set(service["depends_on"]) >= set(KAFKA_NODES), name

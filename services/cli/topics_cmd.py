@@ -8,7 +8,7 @@ import json
 import sys
 
 from services.common.settings import ChoreoSettings
-from services.common.topics import TopicDescription, describe_topics, ensure_topics, human_ms
+from services.common.topics import PartitionPlacement, TopicDescription, describe_topics, ensure_topics, human_ms
 
 
 def add_topics_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,12 +57,25 @@ def _document(topic: TopicDescription) -> dict[str, object]:
         "partitions": topic.partitions,
         "replication_factor": topic.replication_factor,
         "config": topic.config,
+        "placement": [
+            {"partition": p.partition, "leader": p.leader, "replicas": list(p.replicas), "isr": list(p.isr)}
+            for p in topic.placement
+        ],
     }
 
 
 def _table_row(topic: TopicDescription) -> str:
     config = " ".join(f"{key}={_readable(key, value)}" for key, value in topic.config.items())
-    return f"{topic.name:22} partitions={topic.partitions} replicas={topic.replication_factor} {config}"
+    row = f"{topic.name:22} partitions={topic.partitions} replicas={topic.replication_factor} {config}"
+    return "\n".join([row, *(_placement_row(placement) for placement in topic.placement)])
+
+
+def _placement_row(placement: PartitionPlacement) -> str:
+    leader = placement.leader if placement.leader is not None else "none"
+    replicas = ",".join(map(str, placement.replicas))
+    isr = ",".join(map(str, placement.isr))
+    flag = "  UNDER-REPLICATED" if placement.under_replicated else ""
+    return f"  partition {placement.partition}: leader {leader}, replicas {replicas}, isr {isr}{flag}"
 
 
 def _readable(key: str, value: str) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -74,6 +74,18 @@ class ConfigChange:
 
 
 @dataclass(frozen=True)
+class PartitionPlacement:
+    partition: int
+    leader: int | None
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+    @property
+    def under_replicated(self) -> bool:
+        return len(self.isr) < len(self.replicas)
+
+
+@dataclass(frozen=True)
 class TopicDescription:
     name: str
     partitions: int
@@ -81,6 +93,8 @@ class TopicDescription:
     config: dict[str, str]
     created: bool = False
     changes: tuple[ConfigChange, ...] = ()
+    # Where each partition lives, as the cluster's metadata said when described.
+    placement: tuple[PartitionPlacement, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -345,9 +359,24 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, _
         return {}
     metadata = await _topic_metadata(admin, names)
     layout: dict[str, tuple[int, int]] = {}
+    placements: dict[str, tuple[PartitionPlacement, ...]] = {}
     for topic in metadata:
         partitions = topic["partitions"]
         layout[topic["topic"]] = (len(partitions), len(partitions[0]["replicas"]) if partitions else 0)
+        placements[topic["topic"]] = tuple(
+            sorted(
+                (
+                    PartitionPlacement(
+                        p["partition"],
+                        p["leader"] if p["leader"] >= 0 else None,
+                        tuple(p["replicas"]),
+                        tuple(p["isr"]),
+                    )
+                    for p in partitions
+                ),
+                key=lambda placement: placement.partition,
+            )
+        )
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names])
     observed: dict[str, _Observed] = {}
     for response in responses:
@@ -357,7 +386,9 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, _
                 raise for_code(code)(f"describing configuration of {name}: {message}")
             partitions, replicas = layout[name]
             observed[name] = _Observed(
-                description=TopicDescription(name, partitions, replicas, _shown_config(entries)),
+                description=TopicDescription(
+                    name, partitions, replicas, _shown_config(entries), placement=placements[name]
+                ),
                 effective={entry[0]: entry[1] for entry in entries},
                 overrides={
                     entry[0]: entry[1] for entry in entries if _is_topic_override(entry[3]) and entry[1] is not None
