@@ -66,6 +66,8 @@ def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[
             "service": runner.app.name,
             "status": "ok" if runner.ready else "starting",
             "partitions": runner.partitions,
+            # Which transaction coordinator serves this instance follows from it (and an operator can look it up).
+            "transactional_id": runner.transactional_id,
             "records": runner.stats.records,
             "batches": runner.stats.batches,
             "restored_records": runner.stats.restored_records,

@@ -193,6 +193,7 @@ def service_env(settings: ChoreoSettings, name: str, overrides: Mapping[str, str
             "CHOREO_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
             "CHOREO_TOPIC_PREFIX": settings.topic_prefix,
             "CHOREO_PARTITIONS": str(settings.partitions),
+            "CHOREO_REPLICATION_FACTOR": str(settings.replication_factor),
             "CHOREO_ENVIRONMENT": "test",
             "CHOREO_HEALTH_PORT": "0",
             "PYTHONUNBUFFERED": "1",

@@ -43,7 +43,7 @@ from schemas.topics import (
     Topic,
     topic_of,
 )
-from services.common.broker import LocalBroker
+from services.common.broker import LocalBroker, LocalCluster
 from services.common.kafka import producer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
@@ -337,6 +337,8 @@ class Load:
         for attempt in itertools.count(1):
             try:
                 await (await self._client.send(send.topic, send.value, key=send.key))
+                if not send.duplicate:
+                    self.run.acknowledged[send.event_id] = send.topic
                 return
             except KafkaError as error:
                 self.counts["sends retried"] += 1
@@ -347,7 +349,9 @@ class Load:
 class FaultRun(Run):
     """A `Run` of the shared workload with the fault suite's broker, supervisor, load and report."""
 
-    def __init__(self, settings: ChoreoSettings, broker: LocalBroker, tmp_path: Path, profile: Profile) -> None:
+    def __init__(
+        self, settings: ChoreoSettings, broker: LocalBroker | LocalCluster, tmp_path: Path, profile: Profile
+    ) -> None:
         chosen = seed()
         timeline = Timeline(chosen, tmp_path / "timeline.txt")
         env = workload_env(tmp_path, approval_timeout=str(APPROVAL_TIMEOUT_S))
@@ -366,6 +370,8 @@ class FaultRun(Run):
         self.notes: list[str] = []
         self.final_checks.append(self.orders_expired)
         self.ports = {name: free_port() for name in ALL_SERVICES}
+        # Client messages the broker acknowledged (event id -> topic): I4 wants every one of them kept.
+        self.acknowledged: dict[str, str] = {}
         self._probes = itertools.count()
 
     # --- the stack -------------------------------------------------------------------------------

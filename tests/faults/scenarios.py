@@ -21,6 +21,7 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.events import ApprovalRequested
 from schemas.topics import DEAD_LETTER, ORDERS, STOCK_REQUESTS
+from services.common.broker import LocalBroker
 from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
 from services.payment.settings import PaymentSettings
@@ -118,6 +119,7 @@ async def kill_services(run: FaultRun, names: list[str]) -> None:
 
 async def kill_broker(run: FaultRun) -> None:
     """kill -9 the broker and start it again: services reconnect, or exit and are restarted by the supervisor."""
+    assert isinstance(run.broker, LocalBroker), "the single-broker pass kills its one broker"
     exits_before = len(run.supervisor.exits)
     fault = run.inject("broker kill-9", "broker", f"pid {run.broker.status().pid}")
     run.broker.kill()
