@@ -103,6 +103,9 @@ class Monitor:
             store="memory://",
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
+            # acks=all, as every producer of the stack: on a cluster a write is acknowledged once the in-sync
+            # replicas (min.insync.replicas of them at least) have it. Faust's default, pinned against its env.
+            producer_acks=-1,
             # Topics come from the registry (services.common.topics), never from faust's defaults.
             topic_allow_declare=False,
             topic_disable_leader=True,

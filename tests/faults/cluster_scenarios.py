@@ -21,11 +21,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.topics import ORDERS
 from services.common.broker import LocalBroker, LocalCluster
 from services.common.topics import describe_topics
-from tests.faults.harness import SAGA_SERVICES, Fault, FaultRun
+from tests.faults.harness import SAGA_SERVICES, Fault, FaultRun, Scenario
 from tests.support import eventually, read_topic
 from tests.workload import missing_terminals
-
-Scenario = Callable[[], Awaitable[None]]
 
 NODE_DOWNTIME_S = (2.0, 5.0)
 NODE_START_TIMEOUT_S = 120.0

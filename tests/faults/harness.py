@@ -70,7 +70,9 @@ from tests.workload import (
     missing_terminals,
     outcome_summary,
     percentile,
+    run_violations,
     seed,
+    settle_and_verify,
     workload_env,
 )
 
@@ -551,3 +553,37 @@ async def monitor_get(port: int, path: str) -> dict[str, Any] | None:
             return None
         body: dict[str, Any] = response.json() if response.status_code == 200 else {}
         return body or None
+
+
+Scenario = Callable[[], Awaitable[None]]
+
+
+async def inject_and_verify(
+    run: FaultRun, plan: Callable[[FaultRun], Sequence[Scenario]], request: pytest.FixtureRequest, title: str
+) -> None:
+    """Start the run, inject every fault of `plan` once per round under the load, settle, and check everything.
+
+    The report goes to the session's summary whatever happens, with what was broken when the run stopped.
+    """
+    started = time.monotonic()
+    found: list[str] | None = None
+    try:
+        await run.start()
+        for _ in range(run.profile.rounds):
+            for scenario in plan(run):
+                await run.pause()
+                await scenario()
+        await run.load.stop()
+        run.timeline.note(f"load stopped after {len(run.orders)} orders")
+        await settle_and_verify(run, settle_timeout=180)
+        found = await run.scenario_violations()
+        assert not found, f"{len(found)} violations:\n" + "\n".join(found) + f"\n{run.timeline}"
+    finally:
+        if found is None:  # the run stopped before its own checks: count what is broken now
+            try:
+                found = [*await run_violations(run), *await run.scenario_violations()]
+            except Exception as error:  # the broker may be the thing that failed
+                found = [f"could not read the final state: {error!r}"]
+        report = await run.report(started, found)
+        request.config.stash.setdefault(REPORTS, []).append(f"{title}\n{report}")
+        await run.close()

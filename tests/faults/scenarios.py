@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +25,7 @@ from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
 from services.payment.settings import PaymentSettings
 from tests.e2e.processes import ServiceProcess
-from tests.faults.harness import SAGA_SERVICES, FaultRun, alerts_by_subject, monitor_get
+from tests.faults.harness import SAGA_SERVICES, FaultRun, Scenario, alerts_by_subject, monitor_get
 from tests.support import eventually, read_topic
 from tests.workload import (
     ANTARCTICA,
@@ -44,8 +43,6 @@ from tests.workload import (
     shared_by_all,
     zombie_fate,
 )
-
-Scenario = Callable[[], Awaitable[None]]
 
 KILL_DOWNTIME_S = (0.2, 3.0)
 BROKER_DOWNTIME_S = (1.0, 4.0)

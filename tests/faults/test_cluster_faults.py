@@ -11,7 +11,6 @@ gives, per fault, the errors the services logged and how they recovered.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ import pytest
 from services.common.broker import LocalCluster
 from services.common.settings import ChoreoSettings
 from tests.faults.cluster_scenarios import acknowledged_writes_lost, cluster_plan
-from tests.faults.harness import REPORTS, FaultRun, Profile
-from tests.workload import run_violations, settle_and_verify
+from tests.faults.harness import FaultRun, Profile, inject_and_verify
 
 PROFILE = Profile.chosen()
 
@@ -39,25 +37,4 @@ async def test_invariants_hold_when_cluster_nodes_fail(
     run = FaultRun(settings, fault_cluster, tmp_path, PROFILE)
     run.final_checks.append(lambda: acknowledged_writes_lost(run))
     full = os.environ.get("CHOREO_FAULTS", "").strip().lower() == "full"
-    started = time.monotonic()
-    found: list[str] | None = None
-    try:
-        await run.start()
-        for _ in range(PROFILE.rounds):
-            for scenario in cluster_plan(run, full=full):
-                await run.pause()
-                await scenario()
-        await run.load.stop()
-        run.timeline.note(f"load stopped after {len(run.orders)} orders")
-        await settle_and_verify(run, settle_timeout=180)
-        found = await run.scenario_violations()
-        assert not found, f"{len(found)} violations:\n" + "\n".join(found) + f"\n{run.timeline}"
-    finally:
-        if found is None:
-            try:
-                found = [*await run_violations(run), *await run.scenario_violations()]
-            except Exception as error:  # the cluster may be the thing that failed
-                found = [f"could not read the final state: {error!r}"]
-        report = await run.report(started, found)
-        request.config.stash.setdefault(REPORTS, []).append("cluster pass\n" + report)
-        await run.close()
+    await inject_and_verify(run, lambda run: cluster_plan(run, full=full), request, "three-node cluster")

@@ -17,16 +17,14 @@ times at a higher rate; the default is one pass of each.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from services.common.broker import LocalBroker
 from services.common.settings import ChoreoSettings
-from tests.faults.harness import REPORTS, FaultRun, Profile
+from tests.faults.harness import FaultRun, Profile, inject_and_verify
 from tests.faults.scenarios import monitor_alerts_once, plan
-from tests.workload import run_violations, settle_and_verify
 
 PROFILE = Profile.chosen()
 
@@ -38,25 +36,4 @@ async def test_invariants_hold_under_every_fault(
 ) -> None:
     run = FaultRun(fault_settings, fault_broker, tmp_path, PROFILE)
     run.final_checks.append(lambda: monitor_alerts_once(run))
-    started = time.monotonic()
-    found: list[str] | None = None
-    try:
-        await run.start()
-        for _ in range(PROFILE.rounds):
-            for scenario in plan(run):
-                await run.pause()
-                await scenario()
-        await run.load.stop()
-        run.timeline.note(f"load stopped after {len(run.orders)} orders")
-        await settle_and_verify(run, settle_timeout=180)
-        found = await run.scenario_violations()
-        assert not found, f"{len(found)} violations:\n" + "\n".join(found) + f"\n{run.timeline}"
-    finally:
-        if found is None:  # the run stopped before its own checks: count what is broken now
-            try:
-                found = [*await run_violations(run), *await run.scenario_violations()]
-            except Exception as error:  # the broker may be the thing that failed
-                found = [f"could not read the final state: {error!r}"]
-        report = await run.report(started, found)
-        request.config.stash.setdefault(REPORTS, []).append(report)
-        await run.close()
+    await inject_and_verify(run, plan, request, "one broker")
