@@ -39,6 +39,11 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
+def default_insync_replicas(replication_factor: int) -> int:
+    """With three replicas or more, writes go on with one replica lost and are never acknowledged by one alone."""
+    return 2 if replication_factor >= 3 else 1
+
+
 class ChoreoSettings(BaseSettings):
     """Read from `CHOREO_*` environment variables (and `.env`)."""
 
@@ -149,7 +154,7 @@ class ChoreoSettings(BaseSettings):
         """The min.insync.replicas Choreo's topics get: one replica may be lost without losing availability."""
         if self.min_insync_replicas is not None:
             return self.min_insync_replicas
-        return 2 if self.replication_factor >= 3 else 1
+        return default_insync_replicas(self.replication_factor)
 
     def topic(self, topic: Topic) -> str:
         return f"{self.topic_prefix}{topic.name}"

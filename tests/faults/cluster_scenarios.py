@@ -134,7 +134,7 @@ async def _recovered(run: FaultRun, fault: Fault, mark: tuple[dict[Path, int], i
     await run.recover(fault)
     await _fully_replicated(run)
     sizes, exits, retried = mark
-    errors = _errors_logged_since(sizes)
+    errors = _errors_logged_since(run.stack.log_dir, sizes)
     restarted = len(run.supervisor.exits) - exits
     seen = ", ".join(f"{name} x{count}" for name, count in errors.most_common(6)) or "none"
     fault.detail += (
@@ -177,12 +177,9 @@ def _log_sizes(run: FaultRun) -> dict[Path, int]:
     return {path: path.stat().st_size for path in run.stack.log_dir.glob("*.log")}
 
 
-def _errors_logged_since(sizes: dict[Path, int]) -> collections.Counter[str]:
+def _errors_logged_since(folder: Path, sizes: dict[Path, int]) -> collections.Counter[str]:
     """Exception names in the WARNING and ERROR lines the services wrote since `sizes` was taken."""
     found: collections.Counter[str] = collections.Counter()
-    folder = next(iter(sizes)).parent if sizes else None
-    if folder is None:
-        return found
     for path in folder.glob("*.log"):
         with path.open("rb") as handle:
             handle.seek(sizes.get(path, 0))

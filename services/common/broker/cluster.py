@@ -92,7 +92,7 @@ class LocalCluster:
 
     @property
     def replication(self) -> int:
-        return min(MAX_REPLICATION, self.size)
+        return _replication(self.size)
 
     @property
     def nodes(self) -> list[LocalBroker]:
@@ -136,24 +136,20 @@ class LocalCluster:
         return any(stopped)
 
     def status(self, probe_timeout: float = PROBE_TIMEOUT_S) -> ClusterStatus:
-        nodes = []
-        for node in self.nodes:
-            pid = node.pid()
-            nodes.append(NodeStatus(node.node_id, pid, node.bootstrap, False, _rss_bytes(pid) if pid else None))
-        alive = [node.bootstrap for node, found in zip(self.nodes, nodes, strict=True) if found.pid]
-        if not alive:
-            return ClusterStatus(tuple(nodes), None, None)
+        pids = {node.node_id: node.pid() for node in self.nodes}
         view = None
         # The metadata may still list a node that just died, and a request sent to it fails: ask again,
         # each time through another live node, until one answers.
-        for bootstrap in alive * 2:
-            view = _run_sync(_cluster_view(bootstrap, probe_timeout))
+        for node in [node for node in self.nodes if pids[node.node_id] is not None] * 2:
+            view = _run_sync(_cluster_view(node.bootstrap, probe_timeout))
             if view is not None:
                 break
         up = view.broker_ids if view is not None else set()
-        nodes = [
-            NodeStatus(n.node_id, n.pid, n.bootstrap, n.pid is not None and n.node_id in up, n.rss_bytes) for n in nodes
-        ]
+        nodes = []
+        for node in self.nodes:
+            pid = pids[node.node_id]
+            rss = _rss_bytes(pid) if pid is not None else None
+            nodes.append(NodeStatus(node.node_id, pid, node.bootstrap, pid is not None and node.node_id in up, rss))
         if view is None:
             return ClusterStatus(tuple(nodes), None, None)
         return ClusterStatus(tuple(nodes), view.controller_id, view.under_replicated)
@@ -163,7 +159,7 @@ class LocalCluster:
             return [LocalBroker(self._settings)]
         layout = self._layout()
         voters = ",".join(f"{n['id']}@{self._settings.host}:{n['controller_port']}" for n in layout["nodes"])
-        replication = min(MAX_REPLICATION, len(layout["nodes"]))
+        replication = _replication(len(layout["nodes"]))
         return [
             LocalBroker(
                 self._settings.model_copy(
@@ -211,6 +207,10 @@ class LocalCluster:
         layout = {"cluster_id": _random_kafka_uuid(), "nodes": nodes}
         _atomic_write(self.layout_file, json.dumps(layout, indent=2) + "\n")
         return layout
+
+
+def _replication(nodes: int) -> int:
+    return min(MAX_REPLICATION, nodes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,8 @@ from aiokafka.errors import KafkaError
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.settings import default_insync_replicas
+
 __all__ = [
     "BrokerError",
     "BrokerSettings",
@@ -252,15 +254,7 @@ class LocalBroker:
             proc = self._launch(java, classpath)
             if not wait:
                 return StartResult(self._settings.bootstrap, proc.pid, False, time.monotonic() - started_at)
-            try:
-                self._wait_ready(proc.pid, time.monotonic() + timeout)
-            except BaseException:
-                # A JVM that never became ready would hold the ports and the
-                # data dir lock, making every retry fail in a confusing way.
-                logger.warning("broker pid %d failed to start; making sure it is gone", proc.pid)
-                self._signal_and_wait(proc.pid, signal.SIGKILL, KILL_WAIT_S)
-                self._remove_pid_file()
-                raise
+            self._wait_ready_or_kill(proc.pid, timeout)
         elapsed = time.monotonic() - started_at
         logger.info(
             "Kafka broker ready at %s (pid %d, %.1fs)",
@@ -275,9 +269,14 @@ class LocalBroker:
         pid = self._running_pid()
         if pid is None:
             raise BrokerError(f"no broker of {self._run_dir} is running")
+        self._wait_ready_or_kill(pid, timeout)
+
+    def _wait_ready_or_kill(self, pid: int, timeout: float) -> None:
         try:
             self._wait_ready(pid, time.monotonic() + timeout)
         except BaseException:
+            # A JVM that never became ready would hold the ports and the
+            # data dir lock, making every retry fail in a confusing way.
             logger.warning("broker pid %d failed to start; making sure it is gone", pid)
             self._signal_and_wait(pid, signal.SIGKILL, KILL_WAIT_S)
             self._remove_pid_file()
@@ -440,8 +439,7 @@ class LocalBroker:
     def _write_server_properties(self, controller_port: int) -> None:
         host, port = self._settings.host, self._settings.port
         replicas = self._replication
-        # A cluster of three keeps taking writes with one node down, and never acknowledges a write only one has.
-        insync = 2 if replicas >= 3 else 1
+        insync = default_insync_replicas(replicas)
         props: dict[str, str | int] = {
             "process.roles": "broker,controller",
             "node.id": self._node_id,
