@@ -44,6 +44,7 @@ class Source(StrEnum):
     APPROVAL = "approval"
     SHIPPING = "shipping"
     MONITOR = "monitor"
+    AUDIT = "audit"
 
 
 class ContractError(ValueError):

@@ -263,6 +263,23 @@ class OrderCancellationRefused(Event):
     reason: Text
 
 
+CommandType = Annotated[str, StringConstraints(min_length=1, max_length=64)] | None
+
+
+class OrderCommandRejected(Event):
+    """A client's record on a command topic failed validation and was dead-lettered; nothing acted on it.
+
+    Written by the audit under the record's key, so a client watching its order sees why. The
+    dead letter keeps the record whole; `partition` and `offset` say where it was read.
+    """
+
+    topic: str
+    command_type: CommandType = Field(description="The record's `type`, when it had one.")
+    reason: Text
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+
+
 # --- monitor (topic `monitor.alerts`; the key is the subject: `service:<name>` or the order id) -----
 
 

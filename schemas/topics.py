@@ -27,6 +27,7 @@ from schemas.events import (
     OrderCancellationRefused,
     OrderCancellationRequested,
     OrderCancelled,
+    OrderCommandRejected,
     OrderCompleted,
     OrderPlaced,
     PaymentCharged,
@@ -55,6 +56,10 @@ class Topic:
     internal: bool = False
     # Clients write it: every record is parsed and validated whole, whatever its headers say.
     written_by_clients: bool = False
+    # On a topic clients write, the one service that sends a record found on another partition than
+    # its key's to the right one, and dead-letters an invalid one; its other readers skip both, so
+    # a record is forwarded or dead-lettered once, not once per reader.
+    routed_by: str | None = None
 
     @property
     def compacted(self) -> bool:
@@ -73,6 +78,7 @@ ORDERS = Topic(
     events=(OrderPlaced, OrderCancellationRequested),
     config=_DELETE,
     written_by_clients=True,
+    routed_by="inventory",
 )
 INVENTORY_EVENTS = Topic(
     "inventory.events",
@@ -113,6 +119,7 @@ APPROVAL_DECISIONS = Topic(
     events=(ApprovalDecisionSubmitted,),
     config=_DELETE,
     written_by_clients=True,
+    routed_by="approval",
 )
 SHIPPING_EVENTS = Topic(
     "shipping.events",
@@ -126,7 +133,10 @@ AUDIT = Topic(
     "audit",
     key="order_id",
     value=ENVELOPE,
-    description="Every saga event exactly once, keyed by order: each order's timeline in order.",
+    description=(
+        "Every saga event exactly once, keyed by order: each order's timeline in order; "
+        "and OrderCommandRejected, the audit's own, for a client's command that failed validation."
+    ),
     events=tuple(event for event in EVENT_TYPES.values() if event not in MONITOR_EVENTS),
     config=_DELETE,
 )
@@ -166,6 +176,8 @@ SAGA_TOPICS: tuple[Topic, ...] = (
 )
 PUBLIC_TOPICS: tuple[Topic, ...] = (*SAGA_TOPICS, AUDIT, MONITOR_ALERTS, MONITOR_STATE, DEAD_LETTER)
 EVENT_TOPICS: tuple[Topic, ...] = (*SAGA_TOPICS, MONITOR_ALERTS)
+AUDIT_EVENTS: tuple[type[Event], ...] = (OrderCommandRejected,)
+"""Events only the audit writes, straight to the audit topic."""
 
 
 def _changelog(service: str) -> Topic:
@@ -212,8 +224,8 @@ ALL_TOPICS: tuple[Topic, ...] = (*PUBLIC_TOPICS, *INTERNAL_TOPICS)
 
 
 def topic_of(event_type: type[Event]) -> Topic:
-    """The topic an event type is published on."""
-    for topic in EVENT_TOPICS:
+    """The topic an event type is published on (the audit's own events: the audit topic)."""
+    for topic in (*EVENT_TOPICS, AUDIT):
         if event_type in topic.events:
             return topic
     raise KeyError(f"{event_type.__name__} is published on no topic")

@@ -30,6 +30,9 @@ class Out:
     envelope: Envelope | None
     dead_letter: DeadLetter | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None
+    """Set when the app chose the partition; else the key's (murmur2) decides."""
+    value: bytes | None = None
 
 
 class AppHarness(Generic[App, Settings]):
@@ -82,7 +85,8 @@ class AppHarness(Generic[App, Settings]):
             assert out.value is not None
             key = out.key.decode() if out.key is not None else None
             if out.topic == self.settings.topic(DEAD_LETTER):
-                outs.append(Out(out.topic, key, None, DeadLetter.model_validate_json(out.value)))
+                outs.append(Out(out.topic, key, None, DeadLetter.model_validate_json(out.value), out.headers))
             else:
-                outs.append(Out(out.topic, key, Envelope.from_bytes(out.value), None, out.headers))
+                envelope = Envelope.from_bytes(out.value)
+                outs.append(Out(out.topic, key, envelope, None, out.headers, out.partition, out.value))
         return outs

@@ -6,8 +6,9 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from schemas.envelope import Envelope
 from schemas.topics import AUDIT, AUDIT_STATE, SAGA_TOPICS, Topic
-from services.audit.domain import HELD_INDEX_KEY, AuditOrderState, HeldIndex, Outcome, arrival
+from services.audit.domain import HELD_INDEX_KEY, AuditOrderState, HeldIndex, Outcome, arrival, rejection_of
 from services.audit.handlers import on_event, on_tick
 from services.audit.settings import AuditSettings
 from services.common.processor import Incoming, TaskContext
@@ -31,16 +32,25 @@ class AuditApp:
         self._active_since: dict[int, datetime] = {}
 
     def process(self, task: TaskContext, message: Incoming) -> None:
-        envelope = decode(task, message)
-        if envelope is None:
-            return
+        envelope = decode(task, message, rejected=lambda reason: self._reject(task, message, reason))
+        if envelope is not None:
+            self._audit(task, message, envelope, message.value)
+
+    def _reject(self, task: TaskContext, message: Incoming, reason: str) -> None:
+        """Put a client's invalid command on its order's timeline, when its key names an order."""
+        where = (message.topic.name, message.partition, message.offset)
+        rejection = rejection_of(*where, key=message.key, value=message.value, reason=reason)
+        if rejection is not None:
+            self._audit(task, message, rejection, rejection.to_bytes())
+
+    def _audit(self, task: TaskContext, message: Incoming, envelope: Envelope, raw: bytes | None) -> None:
         now = self.clock()
         self._active_since.setdefault(task.partition, now)
         known = task.store.get(order_key(envelope.order_id), AuditOrderState)
         if known is None and forgotten(task, message, envelope):
             return
         state = known or AuditOrderState(order_id=envelope.order_id)
-        outcome = on_event(state, arrival(envelope, message.value, now), message.topic.name)
+        outcome = on_event(state, arrival(envelope, raw, now), message.topic.name)
         if outcome.duplicate:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})
             return

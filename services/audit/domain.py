@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from schemas.envelope import Envelope
-from schemas.events import TERMINAL_EVENTS
+from schemas.envelope import EVENT_ID_NAMESPACE, Envelope, Source
+from schemas.events import TERMINAL_EVENTS, OrderCommandRejected
 
 # Not `order:`-prefixed, so it can never collide with an order's state key.
 HELD_INDEX_KEY = "audit:held-orders"
@@ -125,6 +127,44 @@ def arrival(envelope: Envelope, raw: bytes | None, now: datetime, after: str | N
         held_since=now,
         raw=text,
     )
+
+
+def rejection_of(
+    topic: str, partition: int, offset: int, *, key: bytes | None, value: bytes | None, reason: str
+) -> Envelope | None:
+    """The `OrderCommandRejected` for an invalid client record, or None when its key is no order id.
+
+    The key, not the body, names the order: it is what placed the record on its partition, so the
+    rejection joins that order's timeline in the task that owns it. Its id follows from where the
+    record was read, so reading the record again yields the same event.
+    """
+    if key is None:
+        return None
+    rejected = OrderCommandRejected(
+        topic=topic,
+        command_type=_type_named(value),
+        reason=reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 1] + "\N{HORIZONTAL ELLIPSIS}",
+        partition=partition,
+        offset=offset,
+    )
+    event_id = uuid.uuid5(EVENT_ID_NAMESPACE, f"{topic}/{partition}/{offset}/{Source.AUDIT.value}/rejected")
+    try:
+        return Envelope.new(rejected, order_id=key.decode(), source=Source.AUDIT, event_id=event_id)
+    except (UnicodeDecodeError, ValidationError):
+        return None
+
+
+REASON_LIMIT = 500
+
+
+def _type_named(value: bytes | None) -> str | None:
+    """The `type` a record's JSON names, if it is JSON and names one."""
+    try:
+        document = json.loads(value) if value is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    named = document.get("type") if isinstance(document, dict) else None
+    return named[:64] if isinstance(named, str) and named else None
 
 
 def write_with_consequences(state: AuditOrderState, ready: Iterable[HeldEvent]) -> Outcome:

@@ -23,6 +23,7 @@ from schemas.events import (
     OrderCancellationRefused,
     OrderCancellationRequested,
     OrderCancelled,
+    OrderCommandRejected,
     OrderCompleted,
     OrderLine,
     OrderPlaced,
@@ -46,6 +47,7 @@ SHIPMENT_SCHEDULED = "shipment scheduled"
 CANCELLING = "cancelling"
 COMPLETED = "completed"
 CANCELLED = "cancelled"
+REJECTED = "rejected"
 
 TIMES = "\N{MULTIPLICATION SIGN}"  # between SKU and quantity
 
@@ -83,6 +85,8 @@ class OrderStatus:
     step: str | None = None
     cancellation_requested: bool = False
     cancellation_refused: str | None = None
+    rejected: str | None = None
+    """Why the latest of the client's commands that failed validation was refused."""
 
     @property
     def finished(self) -> bool:
@@ -90,8 +94,8 @@ class OrderStatus:
 
     def describe(self) -> str:
         """One line, e.g. `cancelled: shipping failed: no carrier serves AQ` or `charged; cancellation requested`."""
-        if self.state == CANCELLED:
-            text = f"{CANCELLED}: {self.reason}" if self.reason else CANCELLED
+        if self.state in (CANCELLED, REJECTED):
+            text = f"{self.state}: {self.reason}" if self.reason else self.state
         elif self.state == CANCELLING:
             text = f"{CANCELLING} ({self.step})"
             if self.reason:
@@ -103,6 +107,8 @@ class OrderStatus:
             text += "; cancellation requested"
         if self.cancellation_refused is not None:
             text += f"; cancellation refused: {self.cancellation_refused}"
+        if self.rejected is not None and self.state != REJECTED:
+            text += f"; a command was rejected: {self.rejected}"
         return text
 
 
@@ -116,10 +122,13 @@ def order_status(envelopes: Sequence[Envelope]) -> OrderStatus:
     terminal: Envelope | None = None
     requested = False
     refused: str | None = None
+    rejected: str | None = None
     for envelope in envelopes:
         data = envelope.data
         kind = type(data)
-        if kind in _FORWARD:
+        if isinstance(data, OrderCommandRejected):
+            rejected = _rejection(data)
+        elif kind in _FORWARD:
             furthest = max(furthest, _FORWARD[kind])
         elif kind in _UNWINDING:
             unwinding = _UNWINDING[kind]
@@ -132,14 +141,8 @@ def order_status(envelopes: Sequence[Envelope]) -> OrderStatus:
         elif isinstance(data, OrderCancellationRefused):
             refused = data.reason
     last = envelopes[-1]
-    if terminal is not None and isinstance(terminal.data, OrderCompleted):
-        state, reason, step = COMPLETED, None, None
-    elif terminal is not None and isinstance(terminal.data, OrderCancelled):
-        state, reason, step = CANCELLED, terminal.data.reason, None
-    elif unwinding is not None:
-        state, reason, step = CANCELLING, trigger, unwinding
-    else:
-        state, reason, step = furthest[1], None, furthest[1]
+    only_rejected = all(isinstance(envelope.data, OrderCommandRejected) for envelope in envelopes)
+    state, reason, step = _standing(terminal, unwinding, trigger, furthest[1], rejected if only_rejected else None)
     return OrderStatus(
         order_id=last.order_id,
         state=state,
@@ -148,7 +151,23 @@ def order_status(envelopes: Sequence[Envelope]) -> OrderStatus:
         step=step,
         cancellation_requested=requested,
         cancellation_refused=refused if state == COMPLETED else None,
+        rejected=rejected,
     )
+
+
+def _standing(
+    terminal: Envelope | None, unwinding: str | None, trigger: str | None, furthest: str, rejected: str | None
+) -> tuple[str, str | None, str | None]:
+    """State, reason and step: the end if there is one, else the unwinding, else the furthest step."""
+    if terminal is not None and isinstance(terminal.data, OrderCompleted):
+        return COMPLETED, None, None
+    if terminal is not None and isinstance(terminal.data, OrderCancelled):
+        return CANCELLED, terminal.data.reason, None
+    if unwinding is not None:
+        return CANCELLING, trigger, unwinding
+    if rejected is not None:
+        return REJECTED, rejected, None
+    return furthest, None, furthest
 
 
 def timeline(envelopes: Sequence[Envelope]) -> str:
@@ -164,7 +183,7 @@ def timeline(envelopes: Sequence[Envelope]) -> str:
 def outcome(status: OrderStatus) -> str:
     if status.state == COMPLETED:
         return status.describe()
-    if status.state == CANCELLED:
+    if status.state in (CANCELLED, REJECTED):
         return status.describe()
     return f"in progress: {status.describe()}"
 
@@ -228,9 +247,16 @@ def describe_event(data: Event) -> str:  # noqa: PLR0911, PLR0912 - one branch p
     if isinstance(data, ShipmentCancelled):
         booked = "a booked shipment" if data.had_shipment else "nothing booked"
         return f"{booked}; reason: {data.reason}"
+    if isinstance(data, OrderCommandRejected):
+        return _rejection(data)
     if isinstance(data, OrderCompleted):
         return f"{_stock_lines(data.items)}; total {_money(data.total, data.currency)}; customer {data.customer_id}"
     return ""
+
+
+def _rejection(data: OrderCommandRejected) -> str:
+    where = f"partition {data.partition}, offset {data.offset}"
+    return f"{data.command_type or 'a record'} on {data.topic} ({where}): {data.reason}"
 
 
 def _reason_of(data: Event) -> str | None:

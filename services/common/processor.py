@@ -65,6 +65,8 @@ from services.common.transactions import (
 
 log = logging.getLogger(__name__)
 
+FORWARDED_FROM_HEADER = "choreo-forwarded-from"
+"""On a client record sent on to its key's partition: `<partition>:<offset>` where it was first written."""
 EXPIRES_AT_HEADER = "choreo-expires-at"
 """On a changelog record: when its key expires (epoch ms); the store's expiry index is rebuilt from it."""
 # Expired keys deleted per task and tick: a backlog drains over a few ticks instead of one huge transaction.
@@ -149,6 +151,12 @@ class TaskContext:
     def send(self, topic: Topic, key: str, value: bytes) -> None:
         """Publish an internal message (not an envelope) keyed by `key`."""
         self.outbox.append(Outgoing(self.settings.topic(topic), key.encode(), value))
+
+    def forward(self, message: Incoming, partition: int) -> None:
+        """Send a record on, unchanged, to `partition` of the topic it was read from."""
+        origin = (FORWARDED_FROM_HEADER, f"{message.partition}:{message.offset}".encode())
+        topic = self.settings.topic(message.topic)
+        self.outbox.append(Outgoing(topic, message.key, message.value, partition, (*message.headers, origin)))
 
     def dead_letter(self, message: Incoming, reason: str) -> None:
         record = DeadLetter(

@@ -81,37 +81,75 @@ def _misrouted(task: TaskContext, message: Incoming, key: bytes) -> bool:
     expected = partition_for(key, task.settings.partitions)
     if expected == message.partition:
         return False
-    task.dead_letter(
-        message,
-        f"partition: key {key.decode(errors='replace')!r} belongs on partition {expected} (murmur2), "
-        f"not {message.partition}; publish with Kafka's default partitioner "
-        "(kcat: -X partitioner=murmur2_random)",
-    )
+    task.dead_letter(message, _misplaced(key, expected, message.partition))
     return True
 
 
-def decode(task: TaskContext, message: Incoming, handles: Collection[type[Event]] | None = None) -> Envelope | None:
+def _misplaced(key: bytes, expected: int, found: int) -> str:
+    return (
+        f"partition: key {key.decode(errors='replace')!r} belongs on partition {expected} (murmur2), "
+        f"not {found}; publish with Kafka's default partitioner (kcat: -X partitioner=murmur2_random)"
+    )
+
+
+def decode(
+    task: TaskContext,
+    message: Incoming,
+    handles: Collection[type[Event]] | None = None,
+    *,
+    rejected: Callable[[str], None] | None = None,
+) -> Envelope | None:
     """The message's envelope, or None after dead-lettering it with the reason.
 
     With `handles`, an event a service wrote whose `ce_type` header names a type not among them is
     skipped unparsed (None, nothing dead-lettered): the service would ignore it anyway. Whatever a
-    client wrote is parsed and validated whole.
+    client wrote is parsed and validated whole; a client's record on another partition than its
+    key's is sent on to the right one (see `Topic.routed_by`), and `rejected` hears the reason when
+    a client's record is invalid.
     """
-    if handles is not None and not message.topic.written_by_clients and ignored(message, handles):
+    topic = message.topic
+    if topic.written_by_clients:
+        if _elsewhere(task, message):
+            return None
+    elif handles is not None and ignored(message, handles):
         return None
+    checked = _checked(task, message)
+    if isinstance(checked, Envelope):
+        return checked
+    if topic.routed_by in (None, task.service):
+        task.dead_letter(message, checked)
+    if rejected is not None and topic.written_by_clients:
+        rejected(checked)
+    return None
+
+
+def _elsewhere(task: TaskContext, message: Incoming) -> bool:
+    """Whether a client's record sits on another partition than its key's, as clients whose default
+    partitioner is not Kafka's murmur2 (librdkafka's, kcat's) put it. The topic's router sends it on,
+    in the same transaction as this offset; it is then read and deduplicated (by `event_id`) as ever."""
+    if message.key is None or message.in_process:
+        return False
+    expected = partition_for(message.key, task.settings.partitions)
+    if expected == message.partition:
+        return False
+    if message.topic.routed_by == task.service:
+        task.forward(message, expected)
+    return True
+
+
+def _checked(task: TaskContext, message: Incoming) -> Envelope | str:
+    """The envelope when the record satisfies the contract and its topic, else why not."""
     try:
         envelope = Envelope.from_bytes(message.value)
     except ContractError as error:
-        task.dead_letter(message, error.reason)
-        return None
+        return error.reason
     if type(envelope.data) not in message.topic.events:
-        task.dead_letter(message, f"type: {envelope.type} is not carried on topic {message.topic.name}")
-        return None
+        return f"type: {envelope.type} is not carried on topic {message.topic.name}"
     if message.key != envelope.key:
-        task.dead_letter(message, f"key: the record key must equal order_id {envelope.order_id!r}")
-        return None
-    if _misrouted(task, message, envelope.key):
-        return None
+        return f"key: the record key must equal order_id {envelope.order_id!r}"
+    expected = partition_for(envelope.key, task.settings.partitions)
+    if expected != message.partition:
+        return _misplaced(envelope.key, expected, message.partition)
     return envelope
 
 

@@ -387,8 +387,8 @@ def test_poison_messages_are_dead_lettered_with_the_reason() -> None:
         (APPROVAL_DECISIONS, b"o-1", b"{", p, "not JSON"),
         (APPROVAL_DECISIONS, b"o-1", None, p, "null value"),
         (PAYMENT_EVENTS, b"o-1", good.to_bytes(), p, "not carried on topic"),
-        (APPROVAL_DECISIONS, b"o-9", good.to_bytes(), p, "key"),
-        (APPROVAL_DECISIONS, b"o-1", good.to_bytes(), (p + 1) % h.settings.partitions, "partition"),
+        (APPROVAL_DECISIONS, b"o-9", good.to_bytes(), h.partition("o-9"), "key"),
+        (PAYMENT_EVENTS, b"o-1", charged("o-1").to_bytes(), (p + 1) % h.settings.partitions, "partition"),
     ]
     for topic, key, value, partition, reason in cases:
         [out] = h.feed_raw(topic, key, value, partition)

@@ -11,10 +11,11 @@ import pytest
 
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope, Source
-from schemas.events import OrderCancellationRequested, PaymentRefunded, ShipmentCancelled
+from schemas.events import OrderCancellationRequested, OrderCommandRejected, PaymentRefunded, ShipmentCancelled
 from schemas.topics import AUDIT, AUDIT_STATE, SAGA_TOPICS, SHIPPING_EVENTS
 from services.audit.app import AuditApp, build_app
 from services.audit.settings import AuditSettings
+from services.common.kafka import partition_for
 from services.common.processor import Incoming
 from tests.audit.builders import (
     SETTINGS,
@@ -249,11 +250,13 @@ def test_an_event_naming_itself_as_cause_is_still_written_after_the_wait() -> No
         (None, "empty message"),
     ],
 )
-def test_poison_is_dead_lettered_and_the_partition_keeps_flowing(value: bytes | None, reason: str) -> None:
-    # Given a poison record among valid events
+def test_poison_from_a_service_is_dead_lettered_and_the_partition_keeps_flowing(
+    value: bytes | None, reason: str
+) -> None:
+    # Given a poison record on a service's topic among valid events
     placed, reserved, *_ = completed_saga()
     audit = Harness.for_order(placed.order_id)
-    good = record(placed)
+    good = record(reserved)
     poison = Incoming(good.topic, good.partition, 7, good.key, value, 0)
     # When the batch is audited
     written = audit.feed(poison, reserved, placed)
@@ -262,6 +265,58 @@ def test_poison_is_dead_lettered_and_the_partition_keeps_flowing(value: bytes | 
     assert reason in dead.reason
     assert (dead.consumer, dead.offset) == ("audit", 7)
     assert ids(written) == ids([placed, reserved])
+
+
+def test_an_invalid_client_command_joins_its_orders_timeline_as_a_rejection() -> None:
+    # Given a client's OrderPlaced with an invalid quantity, keyed by its order id, then a valid one
+    placed, reserved, *_ = completed_saga()
+    audit = Harness.for_order(placed.order_id)
+    document = placed.model_dump(mode="json")
+    document["data"]["items"][0]["quantity"] = 0
+    good = record(placed)
+    invalid = Incoming(good.topic, good.partition, 3, good.key, json.dumps(document).encode(), 0)
+    # When both are audited
+    written = audit.feed(invalid, record(placed, 4), record(reserved))
+    # Then the rejection comes first on the order's timeline, with the reason and where it was read;
+    # the dead letter is left to the topic's router (inventory), so there is one, not one per reader
+    assert types(written) == ["OrderCommandRejected", "OrderPlaced", "InventoryReserved"]
+    rejection = written[0]
+    assert isinstance(rejection.data, OrderCommandRejected)
+    assert (rejection.order_id, rejection.source, rejection.causation_id) == (placed.order_id, Source.AUDIT, None)
+    assert rejection.data.model_dump() == {
+        "topic": "orders",
+        "command_type": "OrderPlaced",
+        "reason": rejection.data.reason,
+        "partition": good.partition,
+        "offset": 3,
+    }
+    assert "data.items.0.quantity" in rejection.data.reason
+    assert audit.dead_letters == []
+
+
+def test_an_invalid_command_read_again_is_rejected_once() -> None:
+    # Given an invalid command already audited
+    placed, *_ = completed_saga()
+    audit = Harness.for_order(placed.order_id)
+    good = record(placed)
+    invalid = Incoming(good.topic, good.partition, 9, good.key, b"{not json", 0)
+    [rejection] = audit.feed(invalid)
+    # When the same record is read again (a rewound group)
+    again = audit.feed(invalid)
+    # Then nothing is written a second time
+    assert again == []
+    assert isinstance(rejection.data, OrderCommandRejected)
+    assert rejection.data.reason.startswith("not JSON")
+
+
+@pytest.mark.parametrize("key", [None, b"not an order id!", b"\xff\xfe"])
+def test_an_invalid_command_without_a_usable_order_id_has_no_rejection(key: bytes | None) -> None:
+    # Given an invalid client record on its key's partition (any, for a null key)
+    placed, *_ = completed_saga()
+    audit = Harness(partition_for(key, SETTINGS.partitions)) if key is not None else Harness.for_order(placed.order_id)
+    invalid = Incoming(record(placed).topic, audit.partition, 2, key, b"{not json", 0)
+    # Then no order's timeline gets it
+    assert audit.feed(invalid) == []
 
 
 def test_an_event_on_the_wrong_topic_is_dead_lettered() -> None:

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from schemas.envelope import Envelope
+from services.audit.domain import rejection_of
 from services.audit.reader import by_order
 from services.audit.timeline import (
     AWAITING_APPROVAL,
@@ -17,6 +18,7 @@ from services.audit.timeline import (
     CHARGED,
     COMPLETED,
     PLACED,
+    REJECTED,
     RESERVED,
     event_line,
     order_status,
@@ -149,6 +151,33 @@ def test_an_unfinished_order_reads_in_progress_with_its_last_step() -> None:
     saga = denied_saga()
     assert lines(saga[:4])[-1] == "  outcome: in progress: awaiting approval"
     assert lines(saga[:7])[-1] == "  outcome: in progress: cancelling (payment refunded): denied by alice: fraud risk"
+
+
+def rejection(order_id: str, offset: int, reason: str) -> Envelope:
+    found = rejection_of("orders", 2, offset, key=order_id.encode(), value=b'{"type": "OrderPlaced"}', reason=reason)
+    assert found is not None
+    return found
+
+
+def test_an_order_whose_only_command_was_rejected_reads_as_rejected_with_the_reason() -> None:
+    rendered = lines([rejection("o-bad", 7, "data.currency: not an ISO 4217 currency code")])
+    assert "OrderCommandRejected" in rendered[1]
+    assert "OrderPlaced on orders (partition 2, offset 7): data.currency: not an ISO 4217 currency code" in rendered[1]
+    assert rendered[-1].startswith("  outcome: rejected: OrderPlaced on orders")
+    assert order_status([rejection("o-bad", 7, "x")]).state == REJECTED
+
+
+def test_a_rejected_command_beside_a_live_order_is_noted_in_its_status() -> None:
+    saga = completed_saga()
+    status = order_status([*saga[:3], rejection(saga[0].order_id, 9, "not JSON: Expecting value")])
+    assert status.state == CHARGED
+    assert status.describe().endswith("a command was rejected: OrderPlaced on orders (partition 2, offset 9): "
+                                      "not JSON: Expecting value")  # fmt: skip
+
+
+def test_an_over_long_reason_is_shortened_to_fit_the_contract() -> None:
+    long = rejection("o-long", 1, "x" * 2000)
+    assert len(long.to_bytes()) < 2000
 
 
 def test_an_empty_trail_renders_nothing() -> None:

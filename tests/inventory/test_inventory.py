@@ -493,13 +493,12 @@ def test_poison_saga_records_are_dead_lettered_with_the_reason_and_change_nothin
     assert cluster.stores[0].keys() == []
 
 
-def test_a_saga_record_on_the_wrong_partition_is_dead_lettered() -> None:
+def test_a_services_record_on_the_wrong_partition_is_dead_lettered() -> None:
+    # (A client's is forwarded to its key's partition instead: see tests/test_client_routing.py.)
     cluster = Cluster(partitions=6)
-    good = placed("o-1", ("WIDGET-1", 1))
     wrong = (partition_for(b"o-1", 6) + 1) % 6
 
     _only_dead(cluster.feed(SHIPPING_EVENTS, completed("o-1").to_bytes(), b"o-1", partition=wrong), "partition")
-    _only_dead(cluster.feed(ORDERS, good.to_bytes(), b"o-1", partition=wrong), "partition")
 
 
 def test_poison_internal_messages_are_dead_lettered_with_the_reason() -> None:

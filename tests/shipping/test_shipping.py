@@ -263,7 +263,7 @@ def test_poison_messages_are_dead_lettered_with_the_reason() -> None:
     cases = [
         (APPROVAL_EVENTS, b"o-1", b"not json", p, "not JSON"),
         (APPROVAL_EVENTS, b"o-1", json.dumps({"type": "Nope"}).encode(), p, "unknown event type"),
-        (ORDERS, b"o-1", good.to_bytes(), p, "not carried on topic"),
+        (APPROVAL_EVENTS, b"o-1", cancel("o-1").to_bytes(), p, "not carried on topic"),
         (APPROVAL_EVENTS, b"o-2", good.to_bytes(), p, "key"),
         (APPROVAL_EVENTS, b"o-1", good.to_bytes(), wrong_partition, "partition"),
     ]
