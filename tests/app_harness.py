@@ -82,7 +82,7 @@ class AppHarness(Generic[App, Settings]):
             assert out.value is not None
             key = out.key.decode() if out.key is not None else None
             if out.topic == self.settings.topic(DEAD_LETTER):
-                outs.append(Out(out.topic, key, None, DeadLetter.model_validate_json(out.value)))
+                outs.append(Out(out.topic, key, None, DeadLetter.model_validate_json(out.value), out.headers))
             else:
                 outs.append(Out(out.topic, key, Envelope.from_bytes(out.value), None, out.headers))
         return outs
