@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from services.cli.audit_cmd import add_audit_commands
 from services.cli.bench_cmd import add_bench_commands
 from services.cli.broker_cmd import add_broker_commands
+from services.cli.deadletter_cmd import add_deadletter_commands
 from services.cli.monitor_cmd import add_monitor_commands
 from services.cli.publish_cmd import InvalidCommandError, add_publish_commands
 from services.cli.schemas_cmd import add_schemas_commands
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_publish_commands(commands)
     add_schemas_commands(commands)
     add_audit_commands(commands)
+    add_deadletter_commands(commands)
     add_monitor_commands(commands)
     add_bench_commands(commands)
     add_soak_commands(commands)

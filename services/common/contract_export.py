@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 
 import schemas
-from schemas.deadletter import DeadLetter
+from schemas.deadletter import DEAD_LETTER_HEADERS, DeadLetter
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, Event
 from schemas.topics import PUBLIC_TOPICS, Topic
@@ -81,6 +81,11 @@ def asyncapi_document() -> dict[str, Any]:
         "summary": (DeadLetter.__doc__ or "").strip(),
         "contentType": "application/json",
         "payload": {"$ref": "#/components/schemas/DeadLetter"},
+        "headers": {
+            "type": "object",
+            "description": "The original record's own headers, then these.",
+            "properties": {name: {"type": "string", "description": text} for name, text in DEAD_LETTER_HEADERS.items()},
+        },
     }
     return {
         "asyncapi": "3.0.0",

@@ -45,6 +45,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.topics import DEAD_LETTER, Topic, topic_of
+from services.common.deadletters import dead_letter_headers
 from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
@@ -173,7 +174,8 @@ class TaskContext:
             "dead-lettered a message",
             extra={"topic": record.topic, "partition": record.partition, "offset": record.offset, "reason": reason},
         )
-        self.outbox.append(Outgoing(self.settings.topic(DEAD_LETTER), message.key, record.to_bytes()))
+        headers = dead_letter_headers(record, message.headers, message.timestamp_ms)
+        self.outbox.append(Outgoing(self.settings.topic(DEAD_LETTER), message.key, record.to_bytes(), headers=headers))
 
 
 def _expiry_headers(record: ChangelogRecord) -> list[tuple[str, bytes]]:

@@ -100,6 +100,12 @@ class ChoreoSettings(BaseSettings):
         default=timedelta(days=30),
         description="How long the deadletter topic keeps a rejected message for someone to look at.",
     )
+    deadletter_max_replays: int = Field(
+        default=3,
+        ge=1,
+        description="How often `choreo deadletter replay` sends a message back before refusing it: a replay "
+        "that is dead-lettered again keeps its count.",
+    )
     changelog_delete_retention: Duration = Field(
         default=timedelta(days=1),
         description="How long a state changelog keeps a tombstone (its delete.retention.ms); a state store whose "
