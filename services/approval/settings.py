@@ -6,9 +6,12 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
 from services.common.settings import ChoreoSettings, Duration
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+"""A decision is a few hundred bytes; nothing the reviewer API accepts comes near this."""
 
 DEV_TOKEN = "dev-token"  # noqa: S105  # public on purpose: refused outside dev
 """The reviewer token in dev mode when none is configured; never accepted outside dev."""
@@ -39,6 +42,12 @@ class ApprovalSettings(ChoreoSettings):
     )
     approval_http_port: int = Field(
         default=8000, ge=0, le=65535, description="Port of the reviewer API; 0 picks a free one."
+    )
+    approval_http_max_body: ByteSize = Field(
+        default=ByteSize(DEFAULT_MAX_BODY_BYTES),
+        gt=0,
+        description="Largest request body the reviewer API reads, for example `64KiB`; a larger one gets 413 "
+        "before it is read whole.",
     )
 
     @field_validator("approval_timeout")
