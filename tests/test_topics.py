@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from schemas.topics import ALL_TOPICS, MONITOR_STATE, ORDERS
+from services.common.broker import BrokerSettings, LocalBroker
 from services.common.kafka import admin_client
 from services.common.settings import ChoreoSettings
-from services.common.topics import TopicConfigurationError, describe_topics, ensure_topics
-from tests.support import choreo
+from services.common.topics import OFFSETS_TOPIC, TopicConfigurationError, describe_topics, ensure_topics
+from tests.kafka_fixtures import free_port
+from tests.support import choreo, eventually
 
 
 def test_create_makes_every_topic_with_its_configuration(choreo_settings: ChoreoSettings) -> None:
@@ -79,3 +84,39 @@ async def test_a_topic_with_the_wrong_partition_count_is_an_error(choreo_setting
     # Refused before anything was altered: the topic keeps the broker's default retention.
     (orders,) = await describe_topics(choreo_settings, [ORDERS])
     assert orders.config["retention.ms"] == str(7 * 24 * 3600 * 1000)
+
+
+@pytest.mark.slow
+async def test_on_a_fresh_broker_provisioning_readies_the_group_coordinator_before_any_consumer_asks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A broker of its own: the session's has long had its group topic.
+    broker = LocalBroker(BrokerSettings(port=free_port(), run_dir=tmp_path / "broker", heap="256m"))
+    broker.start(timeout=120)
+    try:
+        settings = ChoreoSettings(bootstrap_servers=broker.bootstrap, environment="test")
+        admin = admin_client(settings)
+        await admin.start()
+        try:
+            assert OFFSETS_TOPIC not in await admin.list_topics()
+            await ensure_topics(settings, [ORDERS])
+            assert OFFSETS_TOPIC in await admin.list_topics()
+        finally:
+            await admin.close()
+
+        caplog.set_level(logging.WARNING, logger="aiokafka")
+        consumer = AIOKafkaConsumer(settings.topic(ORDERS), **settings.kafka_options(), group_id=settings.group("g"))
+        await consumer.start()
+        try:
+            await eventually(lambda: _assigned(consumer), bool, timeout=30)
+        finally:
+            await consumer.stop()
+        # Without it, the consumer's first coordinator lookups fail and aiokafka logs each one as an ERROR.
+        assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    finally:
+        broker.stop()
+
+
+async def _assigned(consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+    assignment: set[TopicPartition] = consumer.assignment()
+    return assignment

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from aiokafka import TopicPartition
 
-from schemas.topics import AUDIT
+from schemas.topics import AUDIT, INVENTORY_EVENTS, ORDERS
 from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
@@ -13,6 +15,8 @@ from services.common.transactions import FencedError, Outgoing, fence, transacti
 from tests.support import eventually, read_topic
 
 CLIENTS = ("aiokafka", "confluent")
+COMMITS = 150
+CLIENT_LOGGERS = ("aiokafka", "librdkafka")
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -72,3 +76,39 @@ async def test_a_fenced_producer_can_commit_nothing(choreo_settings: ChoreoSetti
     finally:
         await zombie.stop()
     assert await read_topic(settings, AUDIT) == []
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_back_to_back_commits_meet_no_retried_errors(
+    choreo_settings: ChoreoSettings, client: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a producer on one of the clients, its client libraries' warnings captured
+    settings = choreo_settings.model_copy(update={"transaction_client": client})
+    await ensure_topics(settings)
+    for logger in CLIENT_LOGGERS:
+        caplog.set_level(logging.WARNING, logger=logger)
+    producer = transactions(settings, f"{settings.topic_prefix}tx")
+    await producer.start()
+    try:
+        # (that has written to every partition once: a topic just created may not have its leaders yet)
+        warm_up = [
+            Outgoing(settings.topic(topic), None, b"v", partition=partition)
+            for topic in (AUDIT, INVENTORY_EVENTS)
+            for partition in range(settings.partitions)
+        ]
+        await producer.commit(warm_up, {}, settings.group("probe"))
+        caplog.clear()
+        # When it commits transaction after transaction, each with records on two topics and offsets
+        for batch in range(COMMITS):
+            records = [
+                Outgoing(settings.topic(topic), f"k-{batch}-{index}".encode(), b"v")
+                for index, topic in enumerate((AUDIT, INVENTORY_EVENTS, AUDIT))
+            ]
+            offsets = {TopicPartition(settings.topic(ORDERS), batch % settings.partitions): (batch + 1, "")}
+            await producer.commit(records, offsets, settings.group("probe"))
+    finally:
+        await producer.stop()
+    # Then no request was answered with an error to retry (the broker's transaction verification
+    # answers a produce NOT_ENOUGH_REPLICAS while the coordinator adds the offsets at the same time)
+    client_records = [record for record in caplog.records if record.name.split(".")[0] in CLIENT_LOGGERS]
+    assert [record.getMessage() for record in client_records if record.levelno >= logging.WARNING] == []

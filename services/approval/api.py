@@ -8,6 +8,7 @@ concurrent one beat on the way is recorded on audit as `ApprovalDecisionIgnored`
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import uuid
@@ -26,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.envelope import Envelope, Source
 from schemas.events import Address, ApprovalDecisionSubmitted, OrderLine
@@ -168,6 +170,7 @@ UNAUTHORIZED: Responses = {401: _error("Missing or wrong bearer token.")}
 INVALID: Responses = {422: {"model": ValidationErrorOut, "description": "Malformed path, query or body."}}
 UNAVAILABLE: Responses = {503: _error("The read model is still loading, or the decision could not be published.")}
 NOT_FOUND: Responses = {404: _error("No approval exists for this order.")}
+TOO_LARGE: Responses = {413: _error("The request body is larger than the API reads (CHOREO_APPROVAL_HTTP_MAX_BODY).")}
 CONFLICT: Responses = {
     409: _error("The approval accepts no decision: decided, timed out, past its deadline or cancelled.")
 }
@@ -270,7 +273,7 @@ async def get_approval(order_id: OrderIdParam, _reviewer: Reviewer, view: View) 
 
 
 @approvals.post("/approvals/{order_id}/decision", status_code=status.HTTP_202_ACCEPTED, response_model=DecisionAccepted,
-             responses={**UNAUTHORIZED, **NOT_FOUND, **CONFLICT, **INVALID, **UNAVAILABLE},
+             responses={**UNAUTHORIZED, **NOT_FOUND, **CONFLICT, **TOO_LARGE, **INVALID, **UNAVAILABLE},
              tags=["approvals"])  # fmt: skip
 async def submit_decision(
     order_id: OrderIdParam,
@@ -366,6 +369,77 @@ async def _http_error(request: Request, error: Exception) -> Response:
     return await http_exception_handler(request, error)
 
 
+# --- the body limit ---------------------------------------------------------------------------
+
+
+class _BodyTooLargeError(Exception):
+    """Raised into the app by `BodyLimit`'s receive when the body passes the limit."""
+
+
+class BodyLimit:
+    """Answer 413 to a request body over `limit` bytes, without ever handing the app more than `limit`.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read. A body
+    without one (chunked) is counted as it streams in: the chunk that passes the limit is not handed
+    on, the app's own answer to the broken body is dropped and 413 is sent instead. The connection is
+    left open: uvicorn discards the rest of the body as it arrives, without keeping it. Closing the
+    connection instead would reset it under a client still sending, which then never reads the 413.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _declared_length(scope)
+        if declared is not None and declared > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        over = False
+        answered = False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    raise _BodyTooLargeError
+            return message
+
+        async def answer(message: Message) -> None:
+            nonlocal answered
+            if over and not answered:
+                return  # the app's answer to a body it could not read; 413 goes out below instead
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        # Raised by `counted` only, once `over` is set: the 413 below is then the whole answer.
+        with contextlib.suppress(_BodyTooLargeError):
+            await self.app(scope, counted, answer)
+        if over and not answered:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body larger than {self.limit} bytes"},
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+        )
+        await response(scope, receive, send)
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The largest Content-Length the request declares; None without one (or a malformed one, counted instead)."""
+    lengths = [value for name, value in scope["headers"] if name.lower() == b"content-length"]
+    declared = [int(value) for value in lengths if value.strip().isdigit()]
+    return max(declared) if declared else None
+
+
 # --- the app ----------------------------------------------------------------------------------
 
 
@@ -398,6 +472,7 @@ def create_api(
         token=settings.reviewer_token().encode(),
         readiness=readiness,
     )
+    api.add_middleware(BodyLimit, limit=int(settings.approval_http_max_body))
     api.add_exception_handler(RequestValidationError, _invalid_request)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.include_router(approvals)

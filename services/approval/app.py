@@ -70,7 +70,8 @@ def _save_index(task: TaskContext, index: DeadlineIndex) -> None:
 def build_app(settings: ApprovalSettings) -> ApprovalApp:
     return ApprovalApp(
         ApprovalPolicy(
-            threshold=settings.approval_threshold,
+            default_threshold=settings.approval_threshold,
+            thresholds=dict(settings.approval_thresholds),
             timeout=settings.approval_timeout,
             escalation_fraction=settings.approval_escalation_fraction,
         )

@@ -7,7 +7,8 @@ rules last: a decision the API let through can still be ignored if another one w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -75,12 +76,18 @@ class ApprovalState(OrderState):
 
 @dataclass(frozen=True)
 class ApprovalPolicy:
-    threshold: Decimal
+    default_threshold: Decimal
+    """The threshold of every currency `thresholds` does not list."""
     timeout: timedelta
     escalation_fraction: float
+    thresholds: Mapping[str, Decimal] = field(default_factory=dict)
+    """Per currency: an amount is only comparable with a threshold in its own currency."""
 
-    def needs_review(self, amount: Decimal) -> bool:
-        return amount >= self.threshold
+    def threshold(self, currency: str) -> Decimal:
+        return self.thresholds.get(currency, self.default_threshold)
+
+    def needs_review(self, amount: Decimal, currency: str) -> bool:
+        return amount >= self.threshold(currency)
 
     def deadline(self, requested_at: datetime) -> datetime:
         return requested_at + self.timeout

@@ -43,7 +43,7 @@ def on_payment_charged(policy: ApprovalPolicy, state: ApprovalState, envelope: E
         return Reaction(state)
     charged = payload(envelope, PaymentCharged)
     common = {"order": charged.order, "amount": charged.amount, "currency": charged.currency}
-    if not policy.needs_review(charged.amount):
+    if not policy.needs_review(charged.amount, charged.currency):
         granted = ApprovalGranted(order=charged.order, reviewer=SYSTEM_REVIEWER, reason=BELOW_THRESHOLD)
         update = {
             **common,

@@ -115,47 +115,93 @@ def spawn(settings: ChoreoSettings, names: Sequence[str], *, detach: bool) -> li
     return started
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_POLL_S = 0.1
+
+
+class StopRequest:
+    """SIGINT or SIGTERM received; `wait` sleeps until then. While `interrupting`, a signal also aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.interrupting = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            log.warning("%s received; stopping the stack", signal.Signals(signum).name)
+        self.signum = signum
+        if self.interrupting:
+            raise KeyboardInterrupt
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, less if a stop is requested meanwhile; whether one is."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(STOP_POLL_S, left))
+        return self.requested
+
+
 def run_foreground(settings: ChoreoSettings, broker_settings: BrokerSettings, *, start_broker: bool) -> int:
-    """Run everything until Ctrl-C or SIGTERM, then stop the services and the broker cleanly."""
+    """Run everything until SIGINT (Ctrl-C) or SIGTERM, then stop the services and the broker cleanly.
+
+    Both handlers are installed whatever was inherited: started with `&` from a script, SIGINT
+    arrives ignored, and the services (which handle it themselves) would stop on a SIGINT to the
+    group while the supervisor restarted them for ever. A service found exited after a stop was
+    requested is not restarted: it stopped on the same signal.
+    """
     broker = LocalCluster(broker_settings)
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    previous = signal.signal(signal.SIGTERM, request_stop)
+    stop = StopRequest()
+    previous = {signum: signal.signal(signum, stop.handle) for signum in STOP_SIGNALS}
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        settings = prepare(settings, broker, start_broker=start_broker)
-        names = available_services()
-        running = {service.name: service.process for service in spawn(settings, names, detach=False)}
-        log.warning("stack running: %s; Ctrl-C stops it", ", ".join(names))
-        restarts: dict[str, int] = {}
-        while not stopping:
-            for name, process in list(running.items()):
-                if process.poll() is None:
-                    continue
-                # A crashed or fenced service starts again from its committed state, like a
-                # container under a restart policy; the backoff keeps a crash loop cheap.
-                restarts[name] = restarts.get(name, 0) + 1
-                delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** min(restarts[name], 6))
-                log.error("%s exited with %s; restarting in %.1f s", name, process.returncode, delay)
-                time.sleep(delay)
-                [service] = spawn(settings, [name], detach=False)
-                running[name] = service.process
-            time.sleep(0.5)
+        # Starting the broker can take a while: a signal meanwhile aborts it, as Ctrl-C would.
+        stop.interrupting = True
+        try:
+            settings = prepare(settings, broker, start_broker=start_broker)
+        finally:
+            stop.interrupting = False
+        if not stop.requested:
+            names = available_services()
+            running = {service.name: service.process for service in spawn(settings, names, detach=False)}
+            log.warning("stack running: %s; Ctrl-C stops it", ", ".join(names))
+        _supervise(settings, running, stop)
     except KeyboardInterrupt:
-        pass
+        pass  # a stop requested while the broker started; everything started so far is stopped below
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _terminate([p.pid for p in running.values() if p.poll() is None])
         for process in running.values():
             process.wait()
         if start_broker:
             broker.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         log.warning("stack stopped")
     return 0
+
+
+def _supervise(settings: ChoreoSettings, running: dict[str, subprocess.Popen[bytes]], stop: StopRequest) -> None:
+    """Restart a service that exits, until a stop is requested."""
+    restarts: dict[str, int] = {}
+    while not stop.wait(0.5):
+        for name, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            # The signal reaches the supervisor as soon as the services, which take longer to exit.
+            if stop.requested:
+                return
+            # A crashed or fenced service starts again from its committed state, like a
+            # container under a restart policy; the backoff keeps a crash loop cheap.
+            restarts[name] = restarts.get(name, 0) + 1
+            delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** min(restarts[name], 6))
+            log.error("%s exited with %s; restarting in %.1f s", name, process.returncode, delay)
+            if stop.wait(delay):
+                return
+            [service] = spawn(settings, [name], detach=False)
+            running[name] = service.process
 
 
 def up_detached(

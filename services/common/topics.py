@@ -16,7 +16,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from schemas.topics import ALL_TOPICS, AUDIT, DEAD_LETTER, MONITOR_ALERTS, Topic
 from services.common.kafka import admin_client
@@ -56,6 +56,8 @@ _DYNAMIC_TOPIC_CONFIG = 1
 _DEFAULT_CONFIG = 5
 _KAFKA_LONG_MAX = 2**63 - 1
 METADATA_WAIT_S = 15.0
+GROUP_COORDINATOR_WAIT_S = 30.0
+OFFSETS_TOPIC = "__consumer_offsets"
 
 
 class TopicConfigurationError(RuntimeError):
@@ -222,6 +224,7 @@ async def ensure_topics(
                         change.old,
                         change.new,
                     )
+        await _await_group_coordinator(admin, settings.group("choreo-provisioning"))
     finally:
         await admin.close()
     return [
@@ -338,6 +341,33 @@ def _diff(wanted: Mapping[str, str], effective: Mapping[str, str | None]) -> lis
     return [
         ConfigChange(key, effective.get(key), value) for key, value in wanted.items() if effective.get(key) != value
     ]
+
+
+async def _await_group_coordinator(admin: AIOKafkaAdminClient, probe_group: str) -> None:
+    """Have the brokers create their group topic, if they have not yet, and wait until it has every leader.
+
+    A broker creates __consumer_offsets on the first coordinator lookup, and answers every lookup with
+    "coordinator not available" until it is up: on a fresh broker, each service's consumer would meet
+    that (aiokafka logs each failed lookup as an ERROR, then retries). Provisioning asks first.
+    """
+    deadline = time.monotonic() + GROUP_COORDINATOR_WAIT_S
+    while True:
+        try:
+            await admin.find_coordinator(probe_group)
+            [offsets] = await _topic_metadata(admin, [OFFSETS_TOPIC])
+            if all(partition["leader"] >= 0 for partition in offsets["partitions"]):
+                return
+            problem = "partitions of it have no leader yet"
+        except KafkaError as error:
+            if not error.retriable:
+                raise
+            problem = repr(error)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no group coordinator within {GROUP_COORDINATOR_WAIT_S:.0f} s ({OFFSETS_TOPIC}: {problem}); "
+                "are fewer brokers up than offsets.topic.replication.factor?"
+            )
+        await asyncio.sleep(0.1)
 
 
 async def _topic_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> list[dict[str, Any]]:

@@ -122,11 +122,14 @@ class AiokafkaTransactions:
                             headers=list(record.headers),
                         )
                     )
+                # Every record's outcome is read here, so a failed send fails this transaction
+                # (and is never left as an unobserved error). The offsets are added only once the
+                # records are written: a produce the broker verifies while the coordinator adds the
+                # offsets (AddOffsetsToTxn) is answered NOT_ENOUGH_REPLICAS, retried after a backoff
+                # and logged as a warning; one after the other is also the faster of the two.
+                sent = await asyncio.gather(*deliveries)
                 if offsets:
                     await producer.send_offsets_to_transaction(dict(offsets), group_id)
-                # Every record's outcome is read here, so a failed send fails this transaction
-                # (and is never left as an unobserved error).
-                sent = await asyncio.gather(*deliveries)
         except ProducerFenced as error:
             _observe(deliveries)
             raise FencedError(str(error)) from error

@@ -140,6 +140,10 @@ class Monitor:
             # Table recovery reads it in large batches; no commit is attached to changelog reads.
             maxsize=131_072,
             allow_empty=True,
+            # Nothing consumes the changelog as a stream, so no offset of it is ever acknowledged (faust's
+            # own changelog topics say so too). With acks on, faust's livelock check took every partition
+            # written since recovery for a stream that never started, and logged an ERROR every 7 s.
+            acks=False,
         )
         self.table = PartitionedTable(
             self.app,

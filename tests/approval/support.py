@@ -44,18 +44,18 @@ class Harness(AppHarness[ApprovalApp, ApprovalSettings]):
         return store.get(DEADLINES_KEY, DeadlineIndex) or DeadlineIndex()
 
 
-def details(total: str = "1000.00", country: str = "FR") -> OrderDetails:
+def details(total: str = "1000.00", country: str = "FR", currency: str = "EUR") -> OrderDetails:
     return OrderDetails(
         customer_id="cust-1",
         items=[OrderLine(sku="sku-a", quantity=1, unit_price=Decimal(total))],
-        currency="EUR",
+        currency=currency,
         ship_to=Address(country=country),
     )
 
 
-def charged(order_id: str, total: str = "1000.00", at: datetime = T0) -> Envelope:
-    order = details(total)
-    event = PaymentCharged(order=order, amount=order.total, currency="EUR")
+def charged(order_id: str, total: str = "1000.00", at: datetime = T0, currency: str = "EUR") -> Envelope:
+    order = details(total, currency=currency)
+    event = PaymentCharged(order=order, amount=order.total, currency=currency)
     return Envelope.new(event, order_id=order_id, source=Source.PAYMENT, occurred_at=at)
 
 

@@ -7,15 +7,22 @@ Decisions the API publishes are fed back into the real stream app, so each answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
+from pydantic import ByteSize, SecretStr
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.envelope import Source
 from schemas.events import ApprovalDecisionIgnored, ApprovalDecisionSubmitted, ApprovalDenied, ApprovalGranted
@@ -23,7 +30,7 @@ from schemas.topics import APPROVAL_DECISIONS, ORDERS, PAYMENT_EVENTS
 from services.approval.api import create_api
 from services.approval.domain import ApprovalState
 from services.approval.readmodel import ApprovalsView
-from services.approval.settings import ApprovalSettings
+from services.approval.settings import DEFAULT_MAX_BODY_BYTES, ApprovalSettings
 from tests.approval.support import DAY, T0, Clock, Harness, RecordingPublisher, cancel, charged, decision, only, pending
 
 TOKEN = "api-test-token-7c1e"
@@ -55,8 +62,10 @@ class Client:
 class Api:
     """The stream app (harness), the read model fed from its changelog and the HTTP client, side by side."""
 
-    def __init__(self, now: datetime = T0 + timedelta(minutes=10)) -> None:
-        self.harness = Harness(ApprovalSettings(_env_file=None, environment="test", approval_token=SecretStr(TOKEN)))
+    def __init__(self, now: datetime = T0 + timedelta(minutes=10), **settings: Any) -> None:
+        self.harness = Harness(
+            ApprovalSettings(_env_file=None, environment="test", approval_token=SecretStr(TOKEN), **settings)
+        )
         self.view = ApprovalsView()
         self.view.mark_caught_up()
         self.publisher = RecordingPublisher()
@@ -324,6 +333,221 @@ def test_malformed_queries_and_ids_are_422(api: Api, url: str) -> None:
     response = api.client.get(url, headers=AUTH)
     assert response.status_code == 422, response.text
     assert response.json()["detail"].startswith(("query.", "path."))
+
+
+# --- the body limit ---------------------------------------------------------------------------
+
+LIMIT = 4096
+DECIDE = "/approvals/o-1/decision"
+JSON_AUTH = AUTH | {"Content-Type": "application/json"}
+
+
+class BodyMeter:
+    """Counts the body bytes that reach the app behind the limit (the most it ever holds of a body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.received = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class Metered(Api):
+    """The API with a small body limit and a `BodyMeter` inside it."""
+
+    def __init__(self) -> None:
+        super().__init__(approval_http_max_body=ByteSize(LIMIT))
+        pending(self.harness, "o-1")
+        self.sync()
+        # Appended last, it sits inside every middleware create_api added, the limit included.
+        self.app.user_middleware.append(Middleware(BodyMeter))
+
+    @property
+    def received(self) -> int:
+        stack = self.app.middleware_stack
+        while stack is not None and not isinstance(stack, BodyMeter):
+            stack = getattr(stack, "app", None)
+        assert isinstance(stack, BodyMeter), "the meter is not in the middleware stack"
+        return stack.received
+
+
+def padded(size: int) -> bytes:
+    """A valid decision of exactly `size` bytes (JSON allows whitespace before the closing brace)."""
+    body = json.dumps(APPROVE).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+class Chunks:
+    """A chunked body of `total` bytes, recording how much of it was asked for."""
+
+    def __init__(self, total: int, chunk: int = 1024) -> None:
+        self.total = total
+        self.chunk = chunk
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.sent < self.total:
+            piece = b"x" * min(self.chunk, self.total - self.sent)
+            self.sent += len(piece)
+            yield piece
+
+
+def test_max_body_defaults_to_64_kib_and_reads_sizes_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ApprovalSettings(_env_file=None).approval_http_max_body == DEFAULT_MAX_BODY_BYTES == 65536
+    monkeypatch.setenv("CHOREO_APPROVAL_HTTP_MAX_BODY", "1MiB")
+    assert ApprovalSettings(_env_file=None).approval_http_max_body == 1024 * 1024
+
+
+def test_a_declared_length_over_the_limit_is_413_before_any_of_the_body_is_read() -> None:
+    api = Metered()
+    response = api.client.post(DECIDE, content=b"x" * (LIMIT + 1), headers=JSON_AUTH)
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+    assert api.received == 0
+    assert api.publisher.published == []
+
+
+def test_a_chunked_body_over_the_limit_is_cut_at_the_limit_and_answered_413() -> None:
+    api = Metered()
+    body = Chunks(50 * 1024 * 1024)
+    response = api.client.post(DECIDE, content=body, headers=JSON_AUTH)
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert response.json()["detail"] == f"request body larger than {LIMIT} bytes"
+    # The app held at most the limit; reading stopped with the chunk that passed it.
+    assert 0 < api.received <= LIMIT
+    assert body.sent == LIMIT + body.chunk
+    assert api.publisher.published == []
+
+
+def test_a_chunked_body_one_byte_over_the_limit_is_413() -> None:
+    api = Metered()
+    response = api.client.post(DECIDE, content=Chunks(LIMIT + 1, chunk=LIMIT + 1), headers=JSON_AUTH)
+    assert response.status_code == 413
+    assert api.received == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_exactly_the_limit_is_read_and_decided(chunked: bool) -> None:
+    api = Metered()
+    body = padded(LIMIT)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    response = api.client.post(DECIDE, content=pieces() if chunked else body, headers=JSON_AUTH)
+    assert response.status_code == 202, response.text
+    assert api.received == LIMIT
+    [published] = api.publisher.published
+    assert published.data == ApprovalDecisionSubmitted(approved=True, reviewer="alice", comment="ok")
+
+
+def test_routes_without_a_body_are_unaffected() -> None:
+    api = Metered()
+    assert api.client.get("/approvals/o-1", headers=AUTH).status_code == 200
+    assert api.client.get("/health").status_code == 200
+
+
+@contextlib.asynccontextmanager
+async def listening(app: FastAPI) -> AsyncIterator[int]:
+    """`app` on uvicorn on a free loopback port, configured as the approval process runs it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_config=None, lifespan="off", access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status_line, *header_lines = head.decode().strip().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return int(status_line.split()[1]), headers, body
+
+
+def request_head(method: str, url: str, *headers: str) -> bytes:
+    lines = [f"{method} {url} HTTP/1.1", "Host: api.test", f"Authorization: Bearer {TOKEN}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def health_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """The status of GET /health sent on an open connection."""
+    writer.write(request_head("GET", "/health"))
+    await writer.drain()
+    status_code, _headers, _body = await answer_of(reader)
+    return status_code
+
+
+def test_over_a_real_socket_a_declared_50_mb_body_is_refused_from_its_headers() -> None:
+    api = Metered()
+    size = 50 * 1024 * 1024
+
+    async def scenario() -> None:
+        async with listening(api.app) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_head("POST", DECIDE, "Content-Type: application/json", f"Content-Length: {size}"))
+            await writer.drain()
+            # Not a byte of the body is sent yet: the answer comes from the headers alone.
+            status_code, _headers, body = await answer_of(reader)
+            assert status_code == 413
+            assert json.loads(body) == {"detail": f"request body larger than {LIMIT} bytes"}
+            # The body a client sends anyway is discarded, and the connection serves the next request.
+            chunk = b"x" * (1024 * 1024)
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+            assert await health_on(reader, writer) == 200
+            writer.close()
+
+    asyncio.run(scenario())
+    assert api.received == 0
+    assert api.publisher.published == []
+
+
+def test_over_a_real_socket_a_chunked_body_is_answered_413_while_it_streams() -> None:
+    api = Metered()
+    size = 50 * 1024 * 1024
+
+    async def scenario() -> None:
+        async with listening(api.app) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_head("POST", DECIDE, "Content-Type: application/json", "Transfer-Encoding: chunked"))
+            answer = asyncio.create_task(answer_of(reader))
+            sent = 0
+            while not answer.done() and sent < size:
+                writer.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+                sent += 1024
+                await writer.drain()
+                await asyncio.sleep(0)
+            status_code, _headers, _body = await answer
+            assert status_code == 413
+            assert sent < 1024 * 1024, f"{sent} bytes sent before the answer"
+            writer.write(b"0\r\n\r\n")
+            assert await health_on(reader, writer) == 200
+            writer.close()
+
+    asyncio.run(scenario())
+    assert 0 < api.received <= LIMIT
+    assert api.publisher.published == []
 
 
 # --- the API agrees with the stream side ------------------------------------------------------

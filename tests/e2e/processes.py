@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_TOKEN = "crash-reviewer-token-8d21"
 HEALTH_MESSAGE = "health endpoint listening"
+MONITOR_MESSAGE = "monitor started"  # the monitor serves /health from faust's web server, on this port
 STOP_TIMEOUT_S = 15.0
 
 
@@ -167,7 +168,7 @@ class ServiceProcess:
 
     def _find_health_port(self) -> int | None:
         for record in self.log_records():
-            if record.get("message") == HEALTH_MESSAGE and isinstance(record.get("port"), int):
+            if record.get("message") in (HEALTH_MESSAGE, MONITOR_MESSAGE) and isinstance(record.get("port"), int):
                 port: int = record["port"]
                 return port
         return None
