@@ -14,7 +14,7 @@ from services.approval.handlers import handlers, on_tick
 from services.approval.settings import ApprovalSettings
 from services.common.processor import Incoming, TaskContext
 from services.common.saga import apply_once, decode, order_key, save_order
-from services.common.tracing import traceparent
+from services.common.tracing import traceparent_of
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _keep_trace(task: TaskContext, message: Incoming, state: ApprovalState) -> N
     """Remember the trace of the record that made the approval pending, for the decision and the timers."""
     if not state.pending() or state.traceparent is not None:
         return
-    found = traceparent(message.headers)
+    found = traceparent_of(message.headers)
     if found is not None:
         save_order(task, state.model_copy(update={"traceparent": found}))
 

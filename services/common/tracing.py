@@ -110,7 +110,8 @@ def with_trace(headers: Headers, trace_context: HeaderTuple) -> HeaderTuple:
     return (*(header for header in headers if header[0] not in TRACE_HEADERS), *trace_context)
 
 
-def traceparent(headers: Headers) -> str | None:
+def traceparent_of(headers: Headers) -> str | None:
+    """The `traceparent` header of a record, if it has one."""
     for name, value in headers:
         if name == TRACEPARENT:
             return value.decode(errors="replace")
