@@ -243,7 +243,8 @@ class PropagatingTracer(trace.NoOpTracer):
         if parent.is_valid:
             trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         else:
-            trace_id, flags, state = self._ids.generate_trace_id(), TraceFlags(TraceFlags.DEFAULT), None
+            # A new trace is marked sampled: a service downstream with export on records it.
+            trace_id, flags, state = self._ids.generate_trace_id(), TraceFlags(TraceFlags.SAMPLED), None
         span_id = self._ids.generate_span_id()
         return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state))
 
@@ -288,10 +289,9 @@ def tracer_provider(service: str) -> trace.TracerProvider:
 
 @contextmanager
 def process_tracing(service: str) -> Iterator[trace.TracerProvider]:
-    """Tracing for this process, set up once by its entry point: the provider, also made the global one for
-    code that takes none; on exit the spans still buffered are exported."""
+    """Tracing for this process, set up once by its entry point, which hands the provider to what it wires
+    (the API's global provider is left alone); on exit the spans still buffered are exported."""
     provider = tracer_provider(service)
-    trace.set_tracer_provider(provider)
     try:
         yield provider
     finally:
