@@ -20,10 +20,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanKind, StatusCode
 
 from schemas.topics import AUDIT, DEAD_LETTER, ORDERS, STOCK_REQUESTS
+from services.cli.publish_cmd import CLIENT_SERVICE
 from services.common.logs import ORDER_ID, JsonFormatter, TraceContextFilter
 from services.common.processor import IN_PROCESS_OFFSET, Incoming, TaskContext
 from services.common.settings import ChoreoSettings
 from services.common.state import KeyedStore
+from services.common.topics import ensure_topics
 from services.common.tracing import (
     OTLP_ENDPOINT_ENV,
     OTLP_TRACES_ENDPOINT_ENV,
@@ -37,6 +39,7 @@ from services.common.tracing import (
     tracer_provider,
     with_trace,
 )
+from tests.support import choreo, read_topic
 
 SETTINGS = ChoreoSettings(_env_file=None, environment="test", topic_prefix="p.")
 CE_TYPE_HEADER = ("ce_type", b"OrderPlaced")
@@ -324,3 +327,46 @@ def test_log_lines_name_the_order_and_the_trace_being_processed() -> None:
     assert explicit["order_id"] == "given"
     assert "order_id" not in outside
     assert "trace_id" not in outside
+
+
+# --- the client ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exported", [True, False], ids=["export-on", "export-off"])
+async def test_choreo_publish_starts_the_trace_and_puts_its_traceparent_on_the_record(
+    choreo_settings: ChoreoSettings,
+    collector: tuple[str, list[tuple[str, bytes]]],
+    monkeypatch: pytest.MonkeyPatch,
+    exported: bool,
+) -> None:
+    endpoint, posts = collector
+    monkeypatch.delenv(OTLP_TRACES_ENDPOINT_ENV, raising=False)
+    if exported:
+        monkeypatch.setenv(OTLP_ENDPOINT_ENV, endpoint)
+    else:
+        monkeypatch.delenv(OTLP_ENDPOINT_ENV, raising=False)
+    await ensure_topics(choreo_settings, [ORDERS])
+    result = choreo(
+        choreo_settings, "publish", "order", "--order-id", "o-cli", "--customer", "cust-1",
+        "--item", "WIDGET-1:1:9.99", "--country", "DE",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [written] = await read_topic(choreo_settings, ORDERS)
+    sent = traceparent_of(written.headers)
+    assert sent is not None
+    _version, trace_id, span_id, flags = sent.split("-")
+    assert int(flags, 16) & 0x01, "sampled"
+    if not exported:
+        assert posts == []
+        return
+    # The span exported before the command exited, and it is the one the record names
+    [(path, body)] = posts
+    assert path == "/v1/traces"
+    [resource_spans] = ExportTraceServiceRequest.FromString(body).resource_spans
+    resource = {attribute.key: attribute.value.string_value for attribute in resource_spans.resource.attributes}
+    assert resource["service.name"] == CLIENT_SERVICE
+    [span] = [span for scope in resource_spans.scope_spans for span in scope.spans]
+    assert span.name == "publish orders"
+    assert span.kind == span.SPAN_KIND_PRODUCER
+    assert span.parent_span_id == b""
+    assert (span.trace_id.hex(), span.span_id.hex()) == (trace_id, span_id)
