@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,8 +19,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from schemas.topics import AUDIT, DEAD_LETTER, ORDERS, STOCK_REQUESTS
+from schemas.topics import AUDIT, DEAD_LETTER, ORDERS, PAYMENT_EVENTS, SHIPPING_EVENTS, STOCK_REQUESTS
 from services.cli.publish_cmd import CLIENT_SERVICE
 from services.common.logs import ORDER_ID, JsonFormatter, TraceContextFilter
 from services.common.processor import IN_PROCESS_OFFSET, Incoming, TaskContext
@@ -34,11 +36,17 @@ from services.common.tracing import (
     PropagatingTracerProvider,
     Tracing,
     extract,
+    remote_parent,
     trace_headers,
     traceparent_of,
     tracer_provider,
     with_trace,
 )
+from tests.approval.support import DAY, T0, charged
+from tests.approval.support import Harness as ApprovalHarness
+from tests.payment.harness import T0 as PAYMENT_T0
+from tests.payment.harness import FlakyRefunds, details, reserved, shipping_failed
+from tests.payment.harness import Harness as PaymentHarness
 from tests.support import choreo, read_topic
 
 SETTINGS = ChoreoSettings(_env_file=None, environment="test", topic_prefix="p.")
@@ -112,6 +120,39 @@ def test_new_trace_headers_replace_old_ones_and_keep_the_rest() -> None:
     old = (CE_TYPE_HEADER, (TRACEPARENT, b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
     new = ((TRACEPARENT, b"00-11111111111111111111111111111111-2222222222222222-01"),)
     assert with_trace(old, new) == (CE_TYPE_HEADER, *new)
+
+
+VALID = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        VALID,
+        b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        b"00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+        b"00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future",
+        b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        b"00-0af7651916cd43dd8448eb211c8031_c-b7ad6b7169203331-01",
+        b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        b" 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        b"not a traceparent",
+    ],
+)
+def test_reading_a_traceparent_agrees_with_the_w3c_propagator(value: bytes) -> None:
+    headers = ((TRACEPARENT, value), (TRACESTATE, b"vendor=opaque"))
+    ours = trace.get_current_span(extract(headers)).get_span_context()
+    theirs = trace.get_current_span(
+        TraceContextTextMapPropagator().extract({TRACEPARENT: value.decode(), TRACESTATE: "vendor=opaque"})
+    ).get_span_context()
+    assert ours == theirs
+    assert (remote_parent(headers) is not None) == theirs.is_valid
+
+
+def test_two_traceparents_are_both_ignored() -> None:
+    assert remote_parent(((TRACEPARENT, VALID), (TRACEPARENT, VALID))) is None
 
 
 def test_a_record_without_trace_context_starts_no_trace() -> None:
@@ -207,6 +248,46 @@ def test_a_timer_joins_the_trace_its_order_kept() -> None:
         trace_headers(NonRecordingSpan(second.context)),
     ]
     assert ORDER_ID.get() is None
+
+
+def trace_id_of(headers: tuple[tuple[str, bytes], ...]) -> str | None:
+    found = traceparent_of(headers)
+    return found.split("-")[1] if found is not None else None
+
+
+def test_approval_timers_join_the_trace_of_the_charge_that_made_the_approval_pending() -> None:
+    # Given an approval made pending by a charge that carried a trace
+    approval = ApprovalHarness()
+    charge = charged("o-1", "1500.00", T0)
+    approval.feed_raw(PAYMENT_EVENTS, charge.key, charge.to_bytes(), approval.partition("o-1"), (
+        *charge.headers(), (TRACEPARENT, VALID),
+    ))  # fmt: skip
+    state = approval.state("o-1")
+    assert state is not None
+    assert state.traceparent == VALID.decode()
+    # When its deadline passes
+    [timed_out] = approval.tick(T0 + DAY)
+    # Then the timeout is in the charge's trace
+    assert timed_out.envelope is not None
+    assert timed_out.envelope.type == "ApprovalTimedOut"
+    assert trace_id_of(timed_out.headers) == trace_id_of(((TRACEPARENT, VALID),))
+
+
+def test_refund_retries_join_the_trace_of_the_record_whose_refund_failed() -> None:
+    # Given a charged order whose refund fails once when shipping fails, in a traced record
+    payment = PaymentHarness(refunds=FlakyRefunds(failures=1))
+    payment.publish(reserved("o-1", details("alice", "40.00")))
+    payment.pump()
+    failed = shipping_failed("o-1")
+    payment.deliver(SHIPPING_EVENTS, failed.key, failed.to_bytes(), headers=(*failed.headers(), (TRACEPARENT, VALID)))
+    state = payment.order("o-1")
+    assert state is not None
+    assert state.traceparent == VALID.decode()
+    # When the retry is due
+    retried = payment.tick(PAYMENT_T0 + timedelta(minutes=1))
+    # Then what the retry writes is in that trace
+    assert retried
+    assert {trace_id_of(out.headers) for out in retried} == {trace_id_of(((TRACEPARENT, VALID),))}
 
 
 # --- export off ------------------------------------------------------------------------------------

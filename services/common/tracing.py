@@ -13,9 +13,9 @@ service with export on downstream of one with it off still joins the saga's trac
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import Token
@@ -30,7 +30,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_NAMESPACE, Resourc
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
@@ -52,6 +52,7 @@ OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 OTLP_TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 # The key of these topics is an order id (others are keyed by SKU, customer or alert subject).
 ORDER_KEY = "order_id"
+_VERSION_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 Headers = Sequence[tuple[str, bytes]]
 HeaderTuple = tuple[tuple[str, bytes], ...]
@@ -76,8 +77,43 @@ _GETTER = _RecordHeaders()
 
 
 def extract(headers: Headers) -> Context:
-    """The trace context a record's headers carry; an empty context (a new root) without a traceparent."""
-    return _PROPAGATOR.extract(headers, context=Context(), getter=_GETTER)
+    """The trace context a record's headers carry; an empty context (a new root) without a valid traceparent."""
+    parent = remote_parent(headers)
+    return Context() if parent is None else trace.set_span_in_context(NonRecordingSpan(parent), Context())
+
+
+def remote_parent(headers: Headers) -> SpanContext | None:
+    """The span a record's `traceparent` (and `tracestate`) names; None without a valid one."""
+    parent: bytes | None = None
+    state: bytes | None = None
+    for name, value in headers:
+        if name == TRACEPARENT:
+            if parent is not None:
+                return None  # two traceparents: W3C says to ignore both
+            parent = value
+        elif name == TRACESTATE:
+            state = value
+    if parent is None:
+        return None
+    found = _version_00(parent, state)
+    if found is None:
+        # Anything but a plain version-00 header (another version, surrounding blanks, bad hex): the
+        # propagator's rules decide.
+        extracted = _PROPAGATOR.extract(headers, context=Context(), getter=_GETTER)
+        found = trace.get_current_span(extracted).get_span_context()
+    return found if found.is_valid else None
+
+
+def _version_00(parent: bytes, state: bytes | None) -> SpanContext | None:
+    """A version-00 traceparent parsed without the propagator's regular expression: this runs once per record."""
+    matched = _VERSION_00.fullmatch(parent)
+    if matched is None:
+        return None
+    trace_id, span_id, flags = int(matched[1], 16), int(matched[2], 16), int(matched[3], 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    trace_state = TraceState.from_header([state.decode(errors="replace")]) if state else None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=trace_state)
 
 
 def extract_http(headers: Mapping[str, str]) -> Context:
@@ -99,15 +135,23 @@ def from_traceparent(traceparent: str | None) -> Context:
 
 
 def trace_headers(span: trace.Span) -> HeaderTuple:
-    """`traceparent` (and `tracestate`) of `span`; nothing for an invalid span."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span, Context()))
-    return tuple((name, value.encode()) for name, value in carrier.items())
+    """`traceparent` (and `tracestate`) of `span`, as the W3C propagator writes them; nothing for an invalid span."""
+    # Formatted here rather than through the propagator's carrier: this runs once per record processed.
+    found = span.get_span_context()
+    if not found.is_valid:
+        return ()
+    parent = f"00-{found.trace_id:032x}-{found.span_id:016x}-{found.trace_flags:02x}"
+    if not found.trace_state:
+        return ((TRACEPARENT, parent.encode()),)
+    return ((TRACEPARENT, parent.encode()), (TRACESTATE, found.trace_state.to_header().encode()))
 
 
 def with_trace(headers: Headers, trace_context: HeaderTuple) -> HeaderTuple:
     """`headers` with their trace context replaced by `trace_context` (a new tuple; records are immutable)."""
-    return (*(header for header in headers if header[0] not in TRACE_HEADERS), *trace_context)
+    for name, _ in headers:
+        if name in TRACE_HEADERS:
+            return (*(header for header in headers if header[0] not in TRACE_HEADERS), *trace_context)
+    return (*headers, *trace_context)
 
 
 def traceparent_of(headers: Headers) -> str | None:
@@ -130,7 +174,7 @@ def stamp(outbox: list[Outgoing], start: int, span: trace.Span) -> None:
     context = trace_headers(span)
     for index in range(start, len(outbox)):
         out = outbox[index]
-        outbox[index] = dataclasses.replace(out, headers=with_trace(out.headers, context))
+        outbox[index] = Outgoing(out.topic, out.key, out.value, out.partition, with_trace(out.headers, context))
 
 
 # --- spans of the runner --------------------------------------------------------------------------
@@ -154,12 +198,21 @@ class Tracing:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer(TRACER_NAME)
+        # Export off, a record's span is made straight from its parent: this runs once per record.
+        self._propagating = self.tracer if isinstance(self.tracer, PropagatingTracer) else None
 
     def processing(self, task: TaskContext, message: Incoming) -> Processing:
         """Start and make current the span of `message`, a child of the span that wrote it."""
-        span = self.tracer.start_span(
-            f"{task.service} process {message.topic.name}", context=extract(message.headers), kind=SpanKind.CONSUMER
-        )
+        parent = remote_parent(message.headers)
+        span: trace.Span
+        if self._propagating is not None:
+            span = self._propagating.child(parent)
+        else:
+            span = self.tracer.start_span(
+                f"{task.service} process {message.topic.name}",
+                context=Context() if parent is None else trace.set_span_in_context(NonRecordingSpan(parent), Context()),
+                kind=SpanKind.CONSUMER,
+            )
         order_id = _order_id(message)
         if span.is_recording():
             span.set_attributes(
@@ -240,7 +293,11 @@ class PropagatingTracer(trace.NoOpTracer):
         set_status_on_exception: bool = True,
     ) -> trace.Span:
         parent = trace.get_current_span(context).get_span_context()
-        if parent.is_valid:
+        return self.child(parent if parent.is_valid else None)
+
+    def child(self, parent: SpanContext | None) -> NonRecordingSpan:
+        """A span in `parent`'s trace with a fresh id; in a new, sampled trace without a parent."""
+        if parent is not None:
             trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         else:
             # A new trace is marked sampled: a service downstream with export on records it.
