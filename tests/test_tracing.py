@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from opentelemetry import trace
@@ -44,6 +42,7 @@ from services.common.tracing import (
 )
 from tests.approval.support import DAY, T0, charged
 from tests.approval.support import Harness as ApprovalHarness
+from tests.otlp_collector import Collector, otlp_collector
 from tests.payment.harness import T0 as PAYMENT_T0
 from tests.payment.harness import FlakyRefunds, details, reserved, shipping_failed
 from tests.payment.harness import Harness as PaymentHarness
@@ -330,39 +329,14 @@ def test_without_an_endpoint_the_process_exports_nothing(monkeypatch: pytest.Mon
 # --- export on ---------------------------------------------------------------------------------------
 
 
-class _Collector(BaseHTTPRequestHandler):
-    posts: list[tuple[str, bytes]]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.posts.append((self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet: the test reads what arrived, not the access log."""
-
-
 @pytest.fixture
-def collector() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    posts: list[tuple[str, bytes]] = []
-    handler = type("Collector", (_Collector,), {"posts": posts})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", posts
-    finally:
-        server.shutdown()
-        server.server_close()
+def collector() -> Iterator[Collector]:
+    with otlp_collector() as running:
+        yield running
 
 
-def test_with_an_endpoint_spans_arrive_over_otlp_http(
-    monkeypatch: pytest.MonkeyPatch, collector: tuple[str, list[tuple[str, bytes]]]
-) -> None:
-    endpoint, posts = collector
+def test_with_an_endpoint_spans_arrive_over_otlp_http(monkeypatch: pytest.MonkeyPatch, collector: Collector) -> None:
+    endpoint, posts = collector.endpoint, collector.posts
     monkeypatch.delenv(OTLP_TRACES_ENDPOINT_ENV, raising=False)
     monkeypatch.setenv(OTLP_ENDPOINT_ENV, endpoint)
     provider = tracer_provider("inventory")
@@ -416,11 +390,11 @@ def test_log_lines_name_the_order_and_the_trace_being_processed() -> None:
 @pytest.mark.parametrize("exported", [True, False], ids=["export-on", "export-off"])
 async def test_choreo_publish_starts_the_trace_and_puts_its_traceparent_on_the_record(
     choreo_settings: ChoreoSettings,
-    collector: tuple[str, list[tuple[str, bytes]]],
+    collector: Collector,
     monkeypatch: pytest.MonkeyPatch,
     exported: bool,
 ) -> None:
-    endpoint, posts = collector
+    endpoint, posts = collector.endpoint, collector.posts
     monkeypatch.delenv(OTLP_TRACES_ENDPOINT_ENV, raising=False)
     if exported:
         monkeypatch.setenv(OTLP_ENDPOINT_ENV, endpoint)
