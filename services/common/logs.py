@@ -15,6 +15,8 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys
 
 ORDER_ID: ContextVar[str | None] = ContextVar("choreo_order_id", default=None)
 """The order whose record (or timer) is being processed; the runner sets it, every log line then names it."""
+TRACE_ID: ContextVar[str | None] = ContextVar("choreo_trace_id", default=None)
+"""The trace of the record being processed when no span object stands for it (export off)."""
 
 
 class TraceContextFilter(logging.Filter):
@@ -30,6 +32,10 @@ class TraceContextFilter(logging.Filter):
             span_context = trace.get_current_span().get_span_context()
             if span_context.is_valid:
                 record.trace_id = trace.format_trace_id(span_context.trace_id)
+            else:
+                trace_id = TRACE_ID.get()
+                if trace_id is not None:
+                    record.trace_id = trace_id
         return True
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import context as context_api
 from opentelemetry import trace
@@ -35,7 +35,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import Attributes
 
 from schemas.topics import DEAD_LETTER
-from services.common.logs import ORDER_ID
+from services.common.logs import ORDER_ID, TRACE_ID
 from services.common.transactions import Outgoing
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ OTLP_TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 # The key of these topics is an order id (others are keyed by SKU, customer or alert subject).
 ORDER_KEY = "order_id"
 _VERSION_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_NO_TRACE = b"0" * 32
+_NO_SPAN = b"0" * 16
 
 Headers = Sequence[tuple[str, bytes]]
 HeaderTuple = tuple[tuple[str, bytes], ...]
@@ -169,9 +171,12 @@ def current_trace_headers() -> HeaderTuple:
 
 def stamp(outbox: list[Outgoing], start: int, span: trace.Span) -> None:
     """Give every record in `outbox[start:]` the trace context of `span`."""
-    if start >= len(outbox):
-        return
-    context = trace_headers(span)
+    if start < len(outbox):
+        stamp_with(outbox, start, trace_headers(span))
+
+
+def stamp_with(outbox: list[Outgoing], start: int, context: HeaderTuple) -> None:
+    """Give every record in `outbox[start:]` the trace context `context` (record headers)."""
     for index in range(start, len(outbox)):
         out = outbox[index]
         outbox[index] = Outgoing(out.topic, out.key, out.value, out.partition, with_trace(out.headers, context))
@@ -180,13 +185,51 @@ def stamp(outbox: list[Outgoing], start: int, span: trace.Span) -> None:
 # --- spans of the runner --------------------------------------------------------------------------
 
 
+class Processing(Protocol):
+    """A record being processed (see `Tracing.processing`)."""
+
+    def finish(self, task: TaskContext, sent: int) -> None: ...
+
+
 @dataclass
-class Processing:
-    """A record's processing span while it is current (see `Tracing.processing`)."""
+class _Spanned:
+    """A record's span from the tracer, current while the record is processed."""
 
     span: trace.Span
     attached: Token[Context]
     order: Token[str | None] | None
+
+    def finish(self, task: TaskContext, sent: int) -> None:
+        span = self.span
+        try:
+            stamp(task.outbox, sent, span)
+            if span.is_recording():
+                dead_letters = task.settings.topic(DEAD_LETTER)
+                if any(out.topic == dead_letters for out in task.outbox[sent:]):
+                    span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
+        finally:
+            if self.order is not None:
+                ORDER_ID.reset(self.order)
+            context_api.detach(self.attached)
+            span.end()
+
+
+@dataclass
+class _Propagated:
+    """Export off, the usual case: no span object at all, only the trace context the record's outputs carry
+    (its trace id for the log lines meanwhile)."""
+
+    trace_context: HeaderTuple
+    trace_id: Token[str | None]
+    order: Token[str | None] | None
+
+    def finish(self, task: TaskContext, sent: int) -> None:
+        try:
+            stamp_with(task.outbox, sent, self.trace_context)
+        finally:
+            if self.order is not None:
+                ORDER_ID.reset(self.order)
+            TRACE_ID.reset(self.trace_id)
 
 
 class Tracing:
@@ -198,22 +241,24 @@ class Tracing:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer(TRACER_NAME)
-        # Export off, a record's span is made straight from its parent: this runs once per record.
+        # Export off, a record's trace context is rewritten without building a span: this runs once per record.
         self._propagating = self.tracer if isinstance(self.tracer, PropagatingTracer) else None
 
     def processing(self, task: TaskContext, message: Incoming) -> Processing:
         """Start and make current the span of `message`, a child of the span that wrote it."""
-        parent = remote_parent(message.headers)
-        span: trace.Span
-        if self._propagating is not None:
-            span = self._propagating.child(parent)
-        else:
-            span = self.tracer.start_span(
-                f"{task.service} process {message.topic.name}",
-                context=Context() if parent is None else trace.set_span_in_context(NonRecordingSpan(parent), Context()),
-                kind=SpanKind.CONSUMER,
-            )
         order_id = _order_id(message)
+        if self._propagating is not None:
+            propagated = _propagated(message.headers, self._propagating)
+            if propagated is not None:
+                trace_context, trace_id = propagated
+                order = ORDER_ID.set(order_id) if order_id is not None else None
+                return _Propagated(trace_context, TRACE_ID.set(trace_id), order)
+        parent = remote_parent(message.headers)
+        span = self.tracer.start_span(
+            f"{task.service} process {message.topic.name}",
+            context=Context() if parent is None else trace.set_span_in_context(NonRecordingSpan(parent), Context()),
+            kind=SpanKind.CONSUMER,
+        )
         if span.is_recording():
             span.set_attributes(
                 {
@@ -231,22 +276,11 @@ class Tracing:
             if order_id is not None:
                 span.set_attribute(ORDER_ID_ATTRIBUTE, order_id)
         attached = context_api.attach(trace.set_span_in_context(span))
-        return Processing(span, attached, ORDER_ID.set(order_id) if order_id is not None else None)
+        return _Spanned(span, attached, ORDER_ID.set(order_id) if order_id is not None else None)
 
     def finished(self, processing: Processing, task: TaskContext, sent: int) -> None:
         """End the span; what the record made the task write (`task.outbox[sent:]`) carries it on."""
-        span = processing.span
-        try:
-            stamp(task.outbox, sent, span)
-            if span.is_recording():
-                dead_letters = task.settings.topic(DEAD_LETTER)
-                if any(out.topic == dead_letters for out in task.outbox[sent:]):
-                    span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
-        finally:
-            if processing.order is not None:
-                ORDER_ID.reset(processing.order)
-            context_api.detach(processing.attached)
-            span.end()
+        processing.finish(task, sent)
 
     @contextmanager
     def timer(self, task: TaskContext, order_id: str, traceparent: str | None) -> Iterator[trace.Span]:
@@ -263,6 +297,33 @@ class Tracing:
                 stamp(task.outbox, sent, span)
         finally:
             ORDER_ID.reset(order)
+
+
+def _propagated(headers: Headers, tracer: PropagatingTracer) -> tuple[HeaderTuple, str] | None:
+    """Export off: the trace context a record's outputs carry (its parent's trace and flags, a fresh span id,
+    the trace state passed on unchanged) and its trace id, straight from the bytes; None for anything but one
+    plain version-00 traceparent or none, which the tracer's general path then handles."""
+    parent: bytes | None = None
+    state: bytes | None = None
+    for name, value in headers:
+        if name == TRACEPARENT:
+            if parent is not None:
+                return None
+            parent = value
+        elif name == TRACESTATE:
+            if state is not None:
+                return None
+            state = value
+    if parent is None:
+        trace_id, flags, state = b"%032x" % tracer.new_trace_id(), b"01", None
+    else:
+        matched = _VERSION_00.fullmatch(parent)
+        if matched is None or matched[1] == _NO_TRACE or matched[2] == _NO_SPAN:
+            return None
+        trace_id, flags = matched[1], matched[3]
+    header = (TRACEPARENT, b"00-%s-%016x-%s" % (trace_id, tracer.new_span_id(), flags))
+    context = (header, (TRACESTATE, state)) if state else (header,)
+    return context, trace_id.decode()
 
 
 def _order_id(message: Incoming) -> str | None:
@@ -294,6 +355,12 @@ class PropagatingTracer(trace.NoOpTracer):
     ) -> trace.Span:
         parent = trace.get_current_span(context).get_span_context()
         return self.child(parent if parent.is_valid else None)
+
+    def new_trace_id(self) -> int:
+        return self._ids.generate_trace_id()
+
+    def new_span_id(self) -> int:
+        return self._ids.generate_span_id()
 
     def child(self, parent: SpanContext | None) -> NonRecordingSpan:
         """A span in `parent`'s trace with a fresh id; in a new, sampled trace without a parent."""
