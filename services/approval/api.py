@@ -25,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +38,7 @@ from services.approval.domain import ApprovalState, ApprovalStatus, Problem, rul
 from services.approval.publisher import DecisionPublisher, PublishError
 from services.approval.readmodel import ApprovalsView, public_status
 from services.approval.settings import ApprovalSettings
+from services.common.tracing import ORDER_ID_ATTRIBUTE, TRACER_NAME, extract_http, from_traceparent, linked
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ STATIC_DIR = FilePath(__file__).parent / "static"
 PROTECTED_PREFIX = "/approvals"
 # The same constraints as schemas.primitives.OrderId, repeated because a path parameter needs them spelled out.
 ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+DECISION_ROUTE = "/approvals/{order_id}/decision"
 
 ReviewStatus = Literal["pending", "granted", "denied", "timed_out", "cancelled"]
 Readiness = Callable[[], tuple[bool, Mapping[str, Any]]]
@@ -186,6 +190,7 @@ class ApiContext:
     clock: Callable[[], datetime]
     token: bytes
     readiness: Readiness | None
+    tracer: trace.Tracer
 
     def authorized(self, request: Request) -> bool:
         presented = _bearer(request.headers.get("authorization"))
@@ -272,7 +277,7 @@ async def get_approval(order_id: OrderIdParam, _reviewer: Reviewer, view: View) 
     return ApprovalOut.of(state, shown, view.claimed(order_id))
 
 
-@approvals.post("/approvals/{order_id}/decision", status_code=status.HTTP_202_ACCEPTED, response_model=DecisionAccepted,
+@approvals.post(DECISION_ROUTE, status_code=status.HTTP_202_ACCEPTED, response_model=DecisionAccepted,
              responses={**UNAUTHORIZED, **NOT_FOUND, **CONFLICT, **TOO_LARGE, **INVALID, **UNAVAILABLE},
              tags=["approvals"])  # fmt: skip
 async def submit_decision(
@@ -281,11 +286,46 @@ async def submit_decision(
     _reviewer: Reviewer,
     view: View,
     context: Context,
+    *,
+    request: Request,
     response: Response,
 ) -> DecisionAccepted:
     """Approve or deny a pending approval; the first valid decision wins."""
+    state = view.get(order_id)
+    # The decision is a step of the order's saga: its span joins the order's trace (kept by the approval
+    # state); the caller's own trace, if it sent one, is only linked.
+    with context.tracer.start_as_current_span(
+        f"POST {DECISION_ROUTE}",
+        context=from_traceparent(state.traceparent if state is not None else None),
+        kind=SpanKind.SERVER,
+        links=linked(extract_http(request.headers)),
+        attributes={"http.request.method": "POST", "http.route": DECISION_ROUTE, ORDER_ID_ATTRIBUTE: order_id},
+        # A refused decision (4xx) is the client's problem, not a failure of the server.
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            accepted = await _decide(order_id, state, decision, view=view, context=context, response=response)
+        except HTTPException as error:
+            span.set_attribute("http.response.status_code", error.status_code)
+            if error.status_code >= status.HTTP_500_INTERNAL_SERVER_ERROR:
+                span.set_status(StatusCode.ERROR, str(error.detail))
+            raise
+        span.set_attribute("http.response.status_code", status.HTTP_202_ACCEPTED)
+        return accepted
+
+
+async def _decide(
+    order_id: str,
+    state: ApprovalState | None,
+    decision: DecisionIn,
+    *,
+    view: ApprovalsView,
+    context: ApiContext,
+    response: Response,
+) -> DecisionAccepted:
     submitted_at = context.clock()
-    ruling = rule_on_decision(view.get(order_id), submitted_at)
+    ruling = rule_on_decision(state, submitted_at)
     if ruling.problem is Problem.NOT_FOUND:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"order {order_id}: {ruling.reason}")
     if ruling.problem is Problem.CONFLICT:
@@ -450,6 +490,7 @@ def create_api(
     clock: Callable[[], datetime],
     *,
     readiness: Readiness | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> FastAPI:
     """The reviewer API over `approvals_view`, publishing decisions with `publisher`, timing them by `clock`."""
     api = FastAPI(
@@ -471,6 +512,9 @@ def create_api(
         clock=clock,
         token=settings.reviewer_token().encode(),
         readiness=readiness,
+        tracer=(tracer_provider if tracer_provider is not None else trace.get_tracer_provider()).get_tracer(
+            TRACER_NAME
+        ),
     )
     api.add_middleware(BodyLimit, limit=int(settings.approval_http_max_body))
     api.add_exception_handler(RequestValidationError, _invalid_request)

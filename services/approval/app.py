@@ -14,6 +14,7 @@ from services.approval.handlers import handlers, on_tick
 from services.approval.settings import ApprovalSettings
 from services.common.processor import Incoming, TaskContext
 from services.common.saga import apply_once, decode, order_key, save_order
+from services.common.tracing import traceparent_of
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ApprovalApp:
         apply_once(task, message, envelope, source=Source.APPROVAL, model=ApprovalState, handlers=self._handlers)
         state = task.store.get(order_key(envelope.order_id), ApprovalState)
         if state is not None:
+            _keep_trace(task, message, state)
             _save_index(task, _index(task).track(state))
 
     def tick(self, task: TaskContext, now: datetime) -> None:
@@ -46,16 +48,29 @@ class ApprovalApp:
             if state is None:
                 index = index.forget(order_id)
                 continue
-            reaction = on_tick(state, now)
-            if reaction.state != state:
-                save_order(task, reaction.state)
-            for event in reaction.events:
-                cause = uuid.UUID(state.requested_event_id) if state.requested_event_id else None
-                task.emit(Envelope.new(event, order_id=order_id, source=Source.APPROVAL, cause=cause, occurred_at=now))
-                log.info("approval timer fired", extra={"order_id": order_id, "event": type(event).__name__})
+            with task.tracing.timer(task, order_id, state.traceparent):
+                reaction = on_tick(state, now)
+                if reaction.state != state:
+                    save_order(task, reaction.state)
+                for event in reaction.events:
+                    cause = uuid.UUID(state.requested_event_id) if state.requested_event_id else None
+                    envelope = Envelope.new(
+                        event, order_id=order_id, source=Source.APPROVAL, cause=cause, occurred_at=now
+                    )
+                    task.emit(envelope)
+                    log.info("approval timer fired", extra={"order_id": order_id, "event": type(event).__name__})
             index = index.track(reaction.state)
         if due:
             _save_index(task, index)
+
+
+def _keep_trace(task: TaskContext, message: Incoming, state: ApprovalState) -> None:
+    """Remember the trace of the record that made the approval pending, for the decision and the timers."""
+    if not state.pending() or state.traceparent is not None:
+        return
+    found = traceparent_of(message.headers)
+    if found is not None:
+        save_order(task, state.model_copy(update={"traceparent": found}))
 
 
 def _index(task: TaskContext) -> DeadlineIndex:

@@ -59,6 +59,9 @@ class ApprovalState(OrderState):
     comment: str | None = None
     decision_event_id: str | None = None
     closed_at: AwareDatetime | None = None
+    traceparent: str | None = None
+    """W3C trace context of the record that made the approval pending: the reviewer's decision (over HTTP)
+    and the timers join the order's trace through it."""
 
     def finished(self) -> bool:
         return self.status in CLOSED or (self.cancelled and self.status is ApprovalStatus.AWAITING_PAYMENT)

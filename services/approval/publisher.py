@@ -10,6 +10,7 @@ from schemas.envelope import Envelope
 from schemas.topics import APPROVAL_DECISIONS
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
+from services.common.tracing import current_trace_headers, with_trace
 
 
 class PublishError(RuntimeError):
@@ -18,7 +19,8 @@ class PublishError(RuntimeError):
 
 class DecisionPublisher(Protocol):
     async def publish(self, envelope: Envelope) -> None:
-        """Return once the broker has acknowledged the decision; raise PublishError otherwise."""
+        """Return once the broker has acknowledged the decision; raise PublishError otherwise. The record
+        carries the trace context of the current span (the HTTP decision's)."""
 
 
 class KafkaDecisionPublisher:
@@ -50,7 +52,7 @@ class KafkaDecisionPublisher:
                 self.settings.topic(APPROVAL_DECISIONS),
                 envelope.to_bytes(),
                 key=envelope.key,
-                headers=list(envelope.headers()),
+                headers=list(with_trace(envelope.headers(), current_trace_headers())),
             )
         except Exception as error:  # any failure to hand over is the client's to retry, never a 500
             raise PublishError(f"could not publish the decision: {error!r}") from error

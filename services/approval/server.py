@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
+from opentelemetry.trace import TracerProvider
 
 from services.approval.api import create_api
 from services.approval.app import build_app
@@ -25,6 +26,7 @@ from services.approval.settings import ApprovalSettings
 from services.common.logs import configure_logging
 from services.common.processor import TransactionalRunner
 from services.common.service import runner_report, serve
+from services.common.tracing import process_tracing
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,16 @@ class ReviewerApi:
         *,
         clock: Callable[[], datetime] = utc_now,
         stream: Callable[[], tuple[bool, Mapping[str, Any]]] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.view = ApprovalsView()
         self.tail = ChangelogTail(settings, self.view)
         self.publisher = KafkaDecisionPublisher(settings)
         self._stream = stream
-        self.app = create_api(settings, self.view, self.publisher, clock, readiness=self._readiness)
+        self.app = create_api(
+            settings, self.view, self.publisher, clock, readiness=self._readiness, tracer_provider=tracer_provider
+        )
         self.port: int | None = None
         self.listening = asyncio.Event()
 
@@ -132,11 +137,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def reviewer_api(settings: ApprovalSettings) -> Callable[[TransactionalRunner], Coroutine[Any, Any, None]]:
+def reviewer_api(
+    settings: ApprovalSettings, tracer_provider: TracerProvider | None = None
+) -> Callable[[TransactionalRunner], Coroutine[Any, Any, None]]:
     """The API as `serve(..., also=...)` runs it beside the stream runner, its /health including the runner's."""
 
     async def run(runner: TransactionalRunner) -> None:
-        api = ReviewerApi(settings, stream=runner_report(runner))
+        api = ReviewerApi(settings, stream=runner_report(runner), tracer_provider=tracer_provider)
         await api.start()
         try:
             await api.serve(settings.approval_http_host, settings.approval_http_port)
@@ -149,4 +156,6 @@ def reviewer_api(settings: ApprovalSettings) -> Callable[[TransactionalRunner], 
 def main() -> None:
     settings = ApprovalSettings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings, build_app(settings), also=reviewer_api(settings)))
+    app = build_app(settings)
+    with process_tracing(app.name) as tracer_provider:
+        asyncio.run(serve(settings, app, also=reviewer_api(settings, tracer_provider), tracer_provider=tracer_provider))

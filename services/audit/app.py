@@ -14,6 +14,7 @@ from services.audit.settings import AuditSettings
 from services.common.processor import Incoming, TaskContext
 from services.common.saga import decode, forgotten, order_key
 from services.common.settings import ChoreoSettings
+from services.common.tracing import traceparent_of
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class AuditApp:
         if known is None and forgotten(task, message, envelope):
             return
         state = known or AuditOrderState(order_id=envelope.order_id)
-        outcome = on_event(state, arrival(envelope, raw, now), message.topic.name)
+        held = arrival(envelope, raw, now, traceparent=traceparent_of(message.headers))
+        outcome = on_event(state, held, message.topic.name)
         if outcome.duplicate:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})
             return
@@ -84,7 +86,9 @@ class AuditApp:
                         "waited_s": (now - event.held_since).total_seconds(),
                     },
                 )
-            self._apply(task, state, outcome)
+            # Written by the clock, in the trace of the first event forced out.
+            with task.tracing.timer(task, order_id, outcome.forced[0].traceparent if outcome.forced else None):
+                self._apply(task, state, outcome)
 
     def _apply(self, task: TaskContext, before: AuditOrderState, outcome: Outcome) -> None:
         state = outcome.state

@@ -39,6 +39,8 @@ class HeldEvent(BaseModel):
     occurred_at: AwareDatetime
     held_since: AwareDatetime
     raw: str
+    traceparent: str | None = None
+    """W3C trace context of the record it arrived in: written by a timer, it still joins the order's trace."""
 
     @property
     def order(self) -> tuple[datetime, str, str]:
@@ -108,7 +110,9 @@ class Outcome:
     duplicate: bool = False
 
 
-def arrival(envelope: Envelope, raw: bytes | None, now: datetime, after: str | None = None) -> HeldEvent:
+def arrival(
+    envelope: Envelope, raw: bytes | None, now: datetime, after: str | None = None, traceparent: str | None = None
+) -> HeldEvent:
     """The event as the audit keeps it: the original bytes when they are UTF-8 JSON, else re-serialized."""
     text: str | None = None
     if raw is not None:
@@ -126,6 +130,7 @@ def arrival(envelope: Envelope, raw: bytes | None, now: datetime, after: str | N
         occurred_at=envelope.occurred_at,
         held_since=now,
         raw=text,
+        traceparent=traceparent,
     )
 
 

@@ -17,6 +17,10 @@ from schemas.events import OrderCancellationRequested, OrderPlaced
 from schemas.topics import ORDERS
 from services.common.publisher import publish
 from services.common.settings import ChoreoSettings
+from services.common.tracing import process_tracing
+
+# The service name of the client's spans: each published command starts its saga's trace.
+CLIENT_SERVICE = "choreo-cli"
 
 
 class InvalidCommandError(ValueError):
@@ -61,7 +65,8 @@ def _publish_cancellation(args: argparse.Namespace, settings: ChoreoSettings) ->
 
 
 def _send(settings: ChoreoSettings, envelope: Envelope) -> int:
-    [delivery] = asyncio.run(publish(settings, [envelope]))
+    with process_tracing(CLIENT_SERVICE) as tracer_provider:
+        [delivery] = asyncio.run(publish(settings, [envelope], tracer_provider=tracer_provider))
     result = {
         "order_id": envelope.order_id,
         "event_id": str(envelope.event_id),

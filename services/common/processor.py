@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from opentelemetry.trace import TracerProvider
 
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
@@ -55,6 +56,7 @@ from services.common.stack import run_dir
 from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
 from services.common.state.rocks import RocksMemory
 from services.common.state.stores import StoreFactory, restore_start, store_factory
+from services.common.tracing import Tracing
 from services.common.transactions import (
     FencedError,
     Outgoing,
@@ -139,6 +141,8 @@ class TaskContext:
     outbox: list[Outgoing] = field(default_factory=list)
     stream_time_ms: int = 0
     """The latest record timestamp this task has processed (or the clock, in a tick): what expiry follows."""
+    tracing: Tracing = field(default_factory=Tracing)
+    """Spans of the runner; a timer that emits for an order opens one with `tracing.timer`."""
 
     @property
     def retention_ms(self) -> int:
@@ -227,6 +231,7 @@ class TransactionalRunner:
         max_batch: int = 2000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         heap: HeapTrimmer | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.app = app
@@ -264,6 +269,7 @@ class TransactionalRunner:
         self._last_tick = 0.0
         self._failure: Exception | None = None
         self.heap = heap if heap is not None else HeapTrimmer(glibc_malloc_trim())
+        self.tracing = Tracing(tracer_provider)
 
     @property
     def ready(self) -> bool:
@@ -398,6 +404,7 @@ class TransactionalRunner:
                 self.app.name,
                 self._stores[partition],
                 stream_time_ms=self._stream_time.get(partition, 0),
+                tracing=self.tracing,
             )
             contexts[partition] = context
         return context
@@ -431,11 +438,13 @@ class TransactionalRunner:
             context, message = queue.popleft()
             context.stream_time_ms = max(context.stream_time_ms, message.timestamp_ms)
             sent = len(context.outbox)
+            traced = self.tracing.processing(context, message)
             try:
                 self.app.process(context, message)
             except Exception as error:  # a handler bug must not block the partition: keep the message
                 log.exception("handler failed", extra={"service": self.app.name, "offset": message.offset})
                 context.dead_letter(message, f"handler error: {error!r}")
+            self.tracing.finished(traced, context, sent)
             queue.extend(self._hand_over(context, sent))
 
     def _hand_over(self, context: TaskContext, sent: int) -> list[tuple[TaskContext, Incoming]]:

@@ -9,10 +9,13 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from opentelemetry.trace import TracerProvider
+
 from services.common.logs import configure_logging
 from services.common.loop import run
 from services.common.processor import StreamApp, TransactionalRunner
 from services.common.settings import ChoreoSettings
+from services.common.tracing import process_tracing
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,10 @@ async def serve(
     app: StreamApp,
     *,
     also: Callable[[TransactionalRunner], Coroutine[Any, Any, None]] | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> None:
     """Run `app` until SIGTERM or SIGINT; `also` runs beside it (for example an HTTP API)."""
-    runner = TransactionalRunner(settings, app)
+    runner = TransactionalRunner(settings, app, tracer_provider=tracer_provider)
     health = HealthServer(settings.health_host, settings.health_port, runner_report(runner))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -120,4 +124,6 @@ Settings = TypeVar("Settings", bound=ChoreoSettings)
 def main(settings: Settings, app_factory: Callable[[Settings], StreamApp]) -> None:
     """Process entry point shared by the services' `__main__` modules."""
     configure_logging(settings.log_level)
-    run(serve(settings, app_factory(settings)), settings.event_loop)
+    app = app_factory(settings)
+    with process_tracing(app.name) as tracer_provider:
+        run(serve(settings, app, tracer_provider=tracer_provider), settings.event_loop)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,9 +14,11 @@ import faust
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.web import Request, Response, View
+from opentelemetry.trace import TracerProvider
 
 from schemas.envelope import Envelope
 from schemas.topics import AUDIT, MONITOR_ALERTS, MONITOR_STATE
+from services.common.tracing import current_trace_headers, traceparent_of
 from services.monitor.domain import SAGA_PREFIX, SERVICE_PREFIX, STATS_PREFIX, PartitionStats, SagaRecord, ServiceHealth
 from services.monitor.engine import MonitorEngine
 from services.monitor.probes import HttpProbe, LogProbe
@@ -68,7 +71,9 @@ class _Ports:
         self.log = LogProbe(monitor.settings)
 
     async def send_alert(self, envelope: Envelope) -> None:
-        sent = await self.monitor.alerts.send(key=envelope.key, value=envelope.to_bytes(), force=True)
+        # The record carries the trace context of the current span (the engine's span for the alert).
+        headers = list(envelope.headers()) + list(current_trace_headers())
+        sent = await self.monitor.alerts.send(key=envelope.key, value=envelope.to_bytes(), headers=headers, force=True)
         await sent
 
     async def flush(self) -> None:
@@ -93,7 +98,7 @@ class _Ports:
 class Monitor:
     """One monitor instance: `app` is the faust app to start; `port` serves /health and /monitor/*."""
 
-    def __init__(self, settings: MonitorSettings) -> None:
+    def __init__(self, settings: MonitorSettings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
         self.port = settings.health_port or _free_port(settings.health_host)
         self.app = MonitorFaustApp(
@@ -156,7 +161,7 @@ class Monitor:
         )
         self.app.tables.add(self.table)
         self.ports = _Ports(self)
-        self.engine = MonitorEngine(settings, TableStore(self.table), self.ports)
+        self.engine = MonitorEngine(settings, TableStore(self.table), self.ports, tracer_provider=tracer_provider)
         self._gate = asyncio.Lock()
         self._reconciled_at: int | None = None
         self._wire()
@@ -213,7 +218,7 @@ class Monitor:
                 for event in events:
                     message = event.message
                     try:
-                        engine.apply(message.partition, message.offset, message.value)
+                        engine.apply(message.partition, message.offset, message.value, _traceparent(message.headers))
                     except Exception:
                         log.exception("audit record not applied", extra={"offset": message.offset})
                     applied[message.tp] = max(applied.get(message.tp, -1), message.offset + 1)
@@ -271,8 +276,15 @@ class Monitor:
             log.exception("monitor tick failed")
 
 
-def build_app(settings: MonitorSettings) -> Monitor:
-    return Monitor(settings)
+def build_app(settings: MonitorSettings, tracer_provider: TracerProvider | None = None) -> Monitor:
+    return Monitor(settings, tracer_provider)
+
+
+def _traceparent(headers: Any) -> str | None:
+    # faust hands a record's headers over as a list of pairs or as a mapping.
+    if not headers:
+        return None
+    return traceparent_of(list(headers.items()) if isinstance(headers, Mapping) else headers)
 
 
 def _free_port(host: str) -> int:

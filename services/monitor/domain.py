@@ -214,6 +214,9 @@ class SagaRecord(Record):
     )
     stuck_at: datetime | None = None
     pending: PendingAlert | None = None
+    traceparent: str | None = Field(
+        default=None, description="W3C trace context of the last audit record applied: a SagaStuck joins its trace."
+    )
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,9 @@ class SagaChange:
 UNCHANGED = SagaChange(None)
 
 
-def apply_event(saga: SagaRecord | None, envelope: Envelope, partition: int, offset: int) -> SagaChange:
+def apply_event(
+    saga: SagaRecord | None, envelope: Envelope, partition: int, offset: int, traceparent: str | None = None
+) -> SagaChange:
     """Follow one event of the audit topic; idempotent per audit offset."""
     at = envelope.occurred_at
     terminal = type(envelope.data) in TERMINAL_EVENTS
@@ -246,6 +251,7 @@ def apply_event(saga: SagaRecord | None, envelope: Envelope, partition: int, off
                 last_event_type=envelope.type,
                 last_event_id=envelope.event_id,
                 last_event_at=at,
+                traceparent=traceparent,
             )
         )
     if offset <= saga.offset or saga.finished_at is not None:
@@ -256,6 +262,7 @@ def apply_event(saga: SagaRecord | None, envelope: Envelope, partition: int, off
         "last_event_id": envelope.event_id,
         "last_event_at": at,
         "events": saga.events + 1,
+        "traceparent": traceparent or saga.traceparent,
     }
     if terminal:
         finished = saga.model_copy(update={**seen, "finished_at": at})

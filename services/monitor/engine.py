@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from schemas.envelope import ContractError, Envelope
+from services.common.tracing import ORDER_ID_ATTRIBUTE, TRACER_NAME, from_traceparent
 from services.monitor.domain import (
     SAGA_PREFIX,
     SERVICE_PREFIX,
@@ -98,8 +101,11 @@ class MonitorEngine:
         store: StateStore,
         ports: Ports,
         clock: Callable[[], datetime] = utc_now,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.settings = settings
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        self.tracer = provider.get_tracer(TRACER_NAME)
         self.store = store
         self.ports = ports
         self.clock = clock
@@ -140,7 +146,7 @@ class MonitorEngine:
 
     # --- audit ------------------------------------------------------------------------------------
 
-    def apply(self, partition: int, offset: int, value: bytes | None) -> None:
+    def apply(self, partition: int, offset: int, value: bytes | None, traceparent: str | None = None) -> None:
         """Follow one record of `audit`; a replay of a record already applied changes nothing.
 
         A saga record carries the offset of its last event, so replaying that event is a no-op. A
@@ -170,7 +176,7 @@ class MonitorEngine:
             return
         if saga is None and envelope.order_id in self.recently_finished:
             return
-        change = apply_event(saga, envelope, partition, offset)
+        change = apply_event(saga, envelope, partition, offset, traceparent)
         if change.record is not None:
             self.save(key, change.record, partition)
         if change.latency is not None:
@@ -247,7 +253,7 @@ class MonitorEngine:
         if await self.ports.alert_published(pending):
             log.info("pending alert was already published", extra={"subject": pending.subject})
         else:
-            await self.ports.send_alert(pending.to_envelope())
+            await self._send(pending.to_envelope(), record)
             self.alerts_sent += 1
             log.warning("pending alert published after a restart", extra={"subject": pending.subject})
         self.save(key, record.model_copy(update={"pending": None}), partition)
@@ -313,6 +319,18 @@ class MonitorEngine:
 
     # --- alerts -----------------------------------------------------------------------------------
 
+    async def _send(self, alert: Envelope, record: ServiceHealth | SagaRecord) -> None:
+        """Publish `alert` in a PRODUCER span: a stuck saga's in the order's trace, a service's in a new one."""
+        parent = record.traceparent if isinstance(record, SagaRecord) else None
+        with self.tracer.start_as_current_span(
+            f"monitor publish {alert.type}", context=from_traceparent(parent), kind=SpanKind.PRODUCER
+        ) as span:
+            if span.is_recording():
+                span.set_attribute(
+                    ORDER_ID_ATTRIBUTE if isinstance(record, SagaRecord) else "choreo.subject", alert.order_id
+                )
+            await self.ports.send_alert(alert)
+
     async def _raise(self, raises: Sequence[Raise]) -> None:
         """Record the intent, make it durable, publish, then clear the intent: once per decision."""
         if not raises:
@@ -323,7 +341,7 @@ class MonitorEngine:
             self.save(item.key, item.record.model_copy(update={"pending": pending}), item.partition)
         await self.ports.flush()
         for item in raises:
-            await self.ports.send_alert(item.alert)
+            await self._send(item.alert, item.record)
             self.alerts_sent += 1
             log.warning("alert raised", extra={"type": item.alert.type, "subject": item.alert.order_id})
             current = self.load(item.key, type(item.record))

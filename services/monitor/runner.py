@@ -8,10 +8,13 @@ import logging
 import signal
 import sys
 
+from opentelemetry.trace import TracerProvider
+
 from schemas.topics import AUDIT, MONITOR_ALERTS, MONITOR_STATE
 from services.common.logs import configure_logging
 from services.common.loop import run
 from services.common.topics import ensure_topics
+from services.common.tracing import process_tracing
 from services.monitor.app import Monitor, build_app
 from services.monitor.settings import MonitorSettings
 
@@ -47,12 +50,12 @@ async def serve(monitor: Monitor, stopping: asyncio.Event) -> None:
         await stop(monitor)
 
 
-async def _main(settings: MonitorSettings) -> None:
+async def _main(settings: MonitorSettings, tracer_provider: TracerProvider) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await serve(build_app(settings), stopping)
+    await serve(build_app(settings, tracer_provider), stopping)
 
 
 def main(settings: MonitorSettings | None = None) -> None:
@@ -62,7 +65,8 @@ def main(settings: MonitorSettings | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("mode.timers").setLevel(logging.ERROR)
     try:
-        run(_main(settings), settings.event_loop)
+        with process_tracing("monitor") as tracer_provider:
+            run(_main(settings, tracer_provider), settings.event_loop)
     except RuntimeError:
         log.exception("monitor stopped on a crash")
         sys.exit(1)

@@ -40,6 +40,7 @@ from services.common.saga import (
     save_order,
 )
 from services.common.state import KeyedStore
+from services.common.tracing import traceparent_of
 from services.payment.domain import (
     CreditLimits,
     CustomerLedger,
@@ -128,6 +129,7 @@ class PaymentApp:
             before, after = _retries(task), _retries(task).tracking(state)
             if state.order_id in after.orders and state.order_id not in before.orders:
                 _log_failed_attempt(state)
+                _keep_trace(task, message, state)
             _save_retries(task, after)
 
     def tick(self, task: TaskContext, now: datetime) -> None:
@@ -139,7 +141,8 @@ class PaymentApp:
             if state is None:
                 index = index.without(order_id)
                 continue
-            state = self._retry(task, state, now)
+            with task.tracing.timer(task, order_id, state.traceparent):
+                state = self._retry(task, state, now)
             index = index.tracking(state)
         if due:
             _save_retries(task, index)
@@ -230,6 +233,13 @@ def _log_failed_attempt(state: PaymentOrder) -> None:
                 "retry_at": retry.next_attempt_at.isoformat(),
             },
         )
+
+
+def _keep_trace(task: TaskContext, message: Incoming, state: PaymentOrder) -> None:
+    """Remember the trace of the record whose refund must be retried, for the retries."""
+    found = traceparent_of(message.headers)
+    if found is not None and state.traceparent is None:
+        save_order(task, state.model_copy(update={"traceparent": found}))
 
 
 def _retries(task: TaskContext) -> RefundRetryIndex:

@@ -259,6 +259,8 @@ class PaymentOrder(OrderState):
     refund_retry: RefundRetry | None = None
     completed: bool = False
     """OrderCompleted was seen: the charge stands for good."""
+    traceparent: str | None = None
+    """W3C trace context of the record whose refund failed first: the retries join the order's trace through it."""
 
     def finished(self) -> bool:
         if self.hold_pending:

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import importlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from opentelemetry.trace import TracerProvider
 
 from schemas.envelope import Envelope
 from schemas.events import TERMINAL_EVENTS
@@ -38,9 +40,15 @@ def service_settings(name: str, base: ChoreoSettings, **overrides: Any) -> Chore
 class SagaStack:
     """Start and stop services at will; `settle()` waits until every running one has caught up."""
 
-    def __init__(self, base: ChoreoSettings, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        base: ChoreoSettings,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        tracer_providers: Mapping[str, TracerProvider] | None = None,
+    ) -> None:
         self.base = base
         self.overrides = overrides or {}
+        self.tracer_providers = tracer_providers or {}
         self.runners: dict[str, TransactionalRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -55,7 +63,9 @@ class SagaStack:
         for name in names or SAGA_SERVICES:
             settings = service_settings(name, self.base, **self.overrides.get(name, {}))
             app = importlib.import_module(f"services.{name}.app").build_app(settings)
-            runner = TransactionalRunner(settings, app, tick_interval=0.2)
+            runner = TransactionalRunner(
+                settings, app, tick_interval=0.2, tracer_provider=self.tracer_providers.get(name)
+            )
             self.runners[name] = runner
             self._tasks[name] = asyncio.create_task(runner.run(), name=name)
         await asyncio.wait_for(

@@ -5,8 +5,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from schemas.envelope import Envelope
+from services.common.tracing import current_trace_headers, traceparent_of
 from services.monitor.domain import (
     PartitionStats,
     PendingAlert,
@@ -259,3 +264,37 @@ async def test_partitions_owned_by_another_instance_and_removed_services_are_lef
     clock.advance(61)
     assert await monitor.check_sagas() == 0
     assert await monitor.check_health() == 0
+
+
+class TracedPorts(FakePorts):
+    """Also records the trace context current when each alert is sent: what the record's headers carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trace_contexts: list[tuple[tuple[str, bytes], ...]] = []
+
+    async def send_alert(self, envelope: Envelope) -> None:
+        self.trace_contexts.append(current_trace_headers())
+        await super().send_alert(envelope)
+
+
+async def test_a_stuck_saga_is_alerted_in_the_trace_of_its_last_audit_record() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store, ports, clock = MemoryStore(), TracedPorts(), Clock()
+    monitor = MonitorEngine(SETTINGS, store, ports, clock, tracer_provider=provider)
+    first, second = saga("OPEN", finish=False)[:2]
+    last = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    monitor.apply(1, 0, first.to_bytes(), "00-0af7651916cd43dd8448eb211c80319c-1111111111111111-01")
+    monitor.apply(1, 1, second.to_bytes(), last)
+    monitor.end_batch()
+    clock.advance(61)
+    assert await monitor.check_sagas() == 1
+    [span] = exporter.get_finished_spans()
+    assert span.name == "monitor publish SagaStuck"
+    assert span.kind is SpanKind.PRODUCER
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == (int(last.split("-")[1], 16), int(last.split("-")[2], 16))
+    [headers] = ports.trace_contexts
+    assert traceparent_of(headers) == f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-01"

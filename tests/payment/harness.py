@@ -56,6 +56,7 @@ class Out:
     key: str
     value: Any
     raw: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def decode_out(out: Outgoing) -> Out:
@@ -71,7 +72,7 @@ def decode_out(out: Outgoing) -> Out:
         value = DeadLetter.model_validate_json(out.value)
     else:
         value = Envelope.from_bytes(out.value)
-    return Out(topic, out.key.decode(), value, out.value)
+    return Out(topic, out.key.decode(), value, out.value, out.headers)
 
 
 T0 = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
@@ -120,12 +121,19 @@ class Harness:
 
     # --- feeding records ----------------------------------------------------------------------
 
-    def deliver(self, topic: Topic, key: bytes | None, value: bytes | None, partition: int | None = None) -> list[Out]:
+    def deliver(
+        self,
+        topic: Topic,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        headers: tuple[tuple[str, bytes], ...] = (),
+    ) -> list[Out]:
         """Process one record in its task (one committed batch); returns what it produced."""
         if partition is None:
             partition = partition_for(key or b"", SETTINGS.partitions)
         self.offset += 1
-        message = Incoming(topic, partition, self.offset, key, value, 0)
+        message = Incoming(topic, partition, self.offset, key, value, 0, headers)
         return self._run(partition, lambda task: self.app.process(task, message))
 
     def tick(self, at: datetime | None = None) -> list[Out]:
