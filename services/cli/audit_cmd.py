@@ -19,6 +19,7 @@ from services.audit.reader import (
     read_order,
 )
 from services.audit.timeline import rfc3339_ms, timeline
+from services.cli.arguments import positive_int
 from services.common.settings import ChoreoSettings
 
 EXIT_FAILED = 1
@@ -30,7 +31,7 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     audit.add_argument("--follow", "-f", action="store_true", help="print events as they are audited, until Ctrl-C")
     audit.add_argument("--json", action="store_true", help="raw records: one JSON envelope per line")
     audit.add_argument(
-        "--limit", type=_positive, metavar="N", help="only the N most recent orders (newest last); without --order"
+        "--limit", type=positive_int, metavar="N", help="only the N most recent orders (newest last); without --order"
     )
     audit.set_defaults(handler=_audit)
 
@@ -104,13 +105,3 @@ def _write_order(envelopes: Iterable[Envelope], *, as_json: bool) -> None:
         sys.stdout.writelines(envelope.model_dump_json() + "\n" for envelope in envelopes)
     else:
         sys.stdout.write(timeline(envelopes) + "\n")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.deadletter import REPLAY_COUNT
+from services.cli.arguments import positive_int
 from services.common.deadletters import (
     DeadLetterTopicMissingError,
     Header,
@@ -56,7 +57,7 @@ def add_deadletter_commands(subparsers: argparse._SubParsersAction[argparse.Argu
     replay.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
     replay.add_argument(
         "--max-replays",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="refuse a message replayed N times already (default CHOREO_DEADLETTER_MAX_REPLAYS, 3)",
     )
@@ -276,13 +277,3 @@ def _moment(text: str) -> datetime:
         return parse_moment(text, datetime.now(UTC))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value

@@ -22,7 +22,7 @@ from typing import Any
 
 from services.common.settings import ChoreoSettings
 from services.common.stack import available_services
-from tests.e2e.processes import REPO_ROOT, service_env
+from tests.e2e.processes import REPO_ROOT, get_health, service_env
 
 SUPERVISOR_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 SERVICE_MODULE = re.compile(r"^services\.([a-z]+)$")
@@ -200,19 +200,8 @@ def _parse(line: str) -> LogRecord | None:
 
 
 async def _health_status(port: int) -> int | None:
+    raw = await get_health(port)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-    except (OSError, TimeoutError):
-        return None
-    try:
-        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readline(), 5)
-    except (OSError, TimeoutError):
-        return None
-    finally:
-        writer.close()
-    try:
-        return int(head.split(b" ", 2)[1])
+        return int(raw.split(b" ", 2)[1]) if raw is not None else None
     except (IndexError, ValueError):
         return None

@@ -131,18 +131,9 @@ class ServiceProcess:
         if port is None:
             return None
         self.health_port = port
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-        except (OSError, TimeoutError):
+        raw = await get_health(port)
+        if raw is None:
             return None
-        try:
-            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            raw = await asyncio.wait_for(reader.read(), 5)
-        except (OSError, TimeoutError):
-            return None
-        finally:
-            writer.close()
         head, _, body = raw.partition(b"\r\n\r\n")
         try:
             status = int(head.split(b" ", 2)[1])
@@ -292,3 +283,19 @@ class ProcessStack:
             process.terminate()
         for process in self.processes:
             process.stop()
+
+
+async def get_health(port: int) -> bytes | None:
+    """The whole HTTP answer to GET /health on a local port, or None while nothing answers there."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
