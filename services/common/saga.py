@@ -18,6 +18,7 @@ from schemas.envelope import CE_TYPE, ContractError, Envelope, Source, describe_
 from schemas.events import EVENT_TYPES, Event
 from schemas.topics import Topic
 from services.common.kafka import partition_for
+from services.common.metrics import SKIPPED
 from services.common.processor import Incoming, TaskContext
 
 
@@ -98,6 +99,7 @@ def decode(task: TaskContext, message: Incoming, handles: Collection[type[Event]
     client wrote is parsed and validated whole.
     """
     if handles is not None and not message.topic.written_by_clients and ignored(message, handles):
+        task.mark(SKIPPED)
         return None
     try:
         envelope = Envelope.from_bytes(message.value)
