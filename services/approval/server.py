@@ -19,6 +19,7 @@ import uvicorn
 
 from services.approval.api import create_api
 from services.approval.app import build_app
+from services.approval.metrics import PendingApprovals
 from services.approval.publisher import KafkaDecisionPublisher
 from services.approval.readmodel import ApprovalsView, ChangelogTail
 from services.approval.settings import ApprovalSettings
@@ -137,11 +138,15 @@ def reviewer_api(settings: ApprovalSettings) -> Callable[[TransactionalRunner], 
 
     async def run(runner: TransactionalRunner) -> None:
         api = ReviewerApi(settings, stream=runner_report(runner))
+        # Served on the process's /metrics beside the stream runner's own.
+        pending = PendingApprovals(api.view.pending_count)
+        runner.metrics.registry.register(pending)
         await api.start()
         try:
             await api.serve(settings.approval_http_host, settings.approval_http_port)
         finally:
             await api.stop()
+            runner.metrics.registry.unregister(pending)
 
     return run
 

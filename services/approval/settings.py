@@ -40,6 +40,13 @@ class ApprovalSettings(ChoreoSettings):
     approval_http_port: int = Field(
         default=8000, ge=0, le=65535, description="Port of the reviewer API; 0 picks a free one."
     )
+    health_port: int = Field(
+        default=8106,
+        ge=0,
+        le=65535,
+        description="Port of the stream runner's /health and the process's /metrics (the API serves its own "
+        "/health); 0 picks a free one.",
+    )
 
     @field_validator("approval_timeout")
     @classmethod
