@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -303,6 +303,13 @@ class RunnerMetrics:
 
     def batch_handled(self, started: float) -> None:
         self.batch_seconds.labels(self.service).observe(time.perf_counter() - started)
+
+
+def process_registry() -> CollectorRegistry:
+    """The one registry of a process, with the process's CPU, memory and open files (`process_*`)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return registry
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

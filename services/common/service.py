@@ -9,12 +9,12 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.registry import Collector
 
 from services.common.logs import configure_logging
 from services.common.loop import run
-from services.common.metrics import HasMetrics, RunnerMetrics, exposition
+from services.common.metrics import HasMetrics, RunnerMetrics, exposition, process_registry
 from services.common.processor import StreamApp, TransactionalRunner
 from services.common.settings import ChoreoSettings
 
@@ -138,13 +138,6 @@ async def serve(
             task.result()  # re-raise a crash so the process exits non-zero
     finally:
         await health.stop()
-
-
-def process_registry() -> CollectorRegistry:
-    """The one registry of a process, with the process's CPU, memory and open files (`process_*`)."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    return registry
 
 
 def app_collectors(app: StreamApp) -> list[Collector]:

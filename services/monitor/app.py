@@ -13,11 +13,14 @@ import faust
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from schemas.envelope import Envelope
 from schemas.topics import AUDIT, MONITOR_ALERTS, MONITOR_STATE
+from services.common.metrics import exposition, process_registry
 from services.monitor.domain import SAGA_PREFIX, SERVICE_PREFIX, STATS_PREFIX, PartitionStats, SagaRecord, ServiceHealth
 from services.monitor.engine import MonitorEngine
+from services.monitor.metrics import MonitorMetrics
 from services.monitor.probes import HttpProbe, LogProbe
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import PartitionedTable, TableStore
@@ -91,10 +94,15 @@ class _Ports:
 
 
 class Monitor:
-    """One monitor instance: `app` is the faust app to start; `port` serves /health and /monitor/*."""
+    """One monitor instance: `app` is the faust app to start; `port` serves /health, /metrics and /monitor/*.
 
-    def __init__(self, settings: MonitorSettings) -> None:
+    `registry` is the process's (a fresh one by default): what /metrics serves.
+    """
+
+    def __init__(self, settings: MonitorSettings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
+        self.registry = registry if registry is not None else process_registry()
+        self.metrics = MonitorMetrics(self.registry, tuple(settings.monitor_targets))
         self.port = settings.health_port or _free_port(settings.health_host)
         self.app = MonitorFaustApp(
             id=settings.group("monitor"),
@@ -152,7 +160,7 @@ class Monitor:
         )
         self.app.tables.add(self.table)
         self.ports = _Ports(self)
-        self.engine = MonitorEngine(settings, TableStore(self.table), self.ports)
+        self.engine = MonitorEngine(settings, TableStore(self.table), self.ports, metrics=self.metrics)
         self._gate = asyncio.Lock()
         self._reconciled_at: int | None = None
         self._wire()
@@ -240,6 +248,11 @@ class Monitor:
                 "alerts": engine.alerts_sent,
             }
             return view.json(body, status=200 if ready else 503)
+
+        @app.page("/metrics")
+        async def metrics(view: View, request: Request) -> Response:
+            # Passed as a header: aiohttp refuses a charset inside `content_type`.
+            return view.bytes(exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         @app.page("/monitor/services")
         async def services(view: View, request: Request) -> Response:

@@ -39,6 +39,7 @@ from services.monitor.domain import (
     stats_key,
     stuck_alert,
 )
+from services.monitor.metrics import MonitorMetrics
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import StateStore
 
@@ -98,8 +99,10 @@ class MonitorEngine:
         store: StateStore,
         ports: Ports,
         clock: Callable[[], datetime] = utc_now,
+        metrics: MonitorMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else MonitorMetrics(targets=tuple(settings.monitor_targets))
         self.store = store
         self.ports = ports
         self.clock = clock
@@ -247,8 +250,10 @@ class MonitorEngine:
         if await self.ports.alert_published(pending):
             log.info("pending alert was already published", extra={"subject": pending.subject})
         else:
-            await self.ports.send_alert(pending.to_envelope())
+            alert = pending.to_envelope()
+            await self.ports.send_alert(alert)
             self.alerts_sent += 1
+            self.metrics.alerted(alert.type)
             log.warning("pending alert published after a restart", extra={"subject": pending.subject})
         self.save(key, record.model_copy(update={"pending": None}), partition)
 
@@ -274,6 +279,7 @@ class MonitorEngine:
         raises: list[Raise] = []
         for health, (ok, detail) in zip(due, outcomes, strict=True):
             result = CheckResult(ok=ok, detail=detail, at=self.clock())
+            self.metrics.checked(health.service, ok)
             updated, alert = observe(health, result, self.policy)
             key = service_key(health.service)
             if alert is None:
@@ -309,6 +315,7 @@ class MonitorEngine:
                     raises.append(Raise(key, flagged, stuck_alert(saga, now, sla), partition))
         await self._raise(raises)
         self.sla_rounds += 1
+        self.metrics.sla_rounds.inc()
         return len(raises)
 
     # --- alerts -----------------------------------------------------------------------------------
@@ -325,6 +332,7 @@ class MonitorEngine:
         for item in raises:
             await self.ports.send_alert(item.alert)
             self.alerts_sent += 1
+            self.metrics.alerted(item.alert.type)
             log.warning("alert raised", extra={"type": item.alert.type, "subject": item.alert.order_id})
             current = self.load(item.key, type(item.record))
             # The stream may have deleted a saga that finished while the alert was in flight.
