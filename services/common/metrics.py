@@ -78,7 +78,7 @@ def dead_letter_category(reason: str) -> str:
         return _REASON_PREFIXES[prefix]
     if prefix.startswith("not_a_json"):
         return "json"
-    if colon and (prefix.startswith("invalid_") or _FIELD_PATH.match(prefix)):
+    if colon and (prefix.startswith("invalid_") or _FIELD_PATH.match(head.strip())):
         return "validation"
     return "other"
 
