@@ -34,7 +34,7 @@ from tests.audit.builders import SCENARIOS, WAIT, record
 
 # Every label any choreo_ metric may carry: none of them takes an order, customer, event or trace id.
 BOUNDED_LABELS = frozenset({"service", "topic", "partition", "outcome", "reason", "step", "type", "decision", "target"})
-PROMTOOL = "/usr/bin/promtool"
+PROMTOOL = "promtool"
 
 
 def promtool_check(text: bytes) -> None:
