@@ -249,7 +249,7 @@ def test_a_redelivered_event_is_not_counted_again() -> None:
 # --- names, labels and the exposition ---------------------------------------------------------------
 
 
-def _every_registry() -> CollectorRegistry:
+def registry_of_every_metric() -> CollectorRegistry:
     """One registry holding every choreo metric, each with a sample, as the services would fill them."""
     registry = CollectorRegistry()
     runner = RunnerMetrics("inventory", registry)
@@ -267,7 +267,7 @@ def _every_registry() -> CollectorRegistry:
 
 
 def test_every_metric_is_prefixed_suffixed_and_bounded() -> None:
-    families = list(text_string_to_metric_families(exposition(_every_registry()).decode()))
+    families = list(text_string_to_metric_families(exposition(registry_of_every_metric()).decode()))
     assert families
     for family in families:
         assert family.name.startswith("choreo_"), family.name
@@ -305,11 +305,11 @@ def test_every_metric_is_prefixed_suffixed_and_bounded() -> None:
 
 
 def test_promtool_accepts_the_exposition() -> None:
-    promtool_check(exposition(_every_registry()))
+    promtool_check(exposition(registry_of_every_metric()))
 
 
 async def test_the_health_server_serves_metrics_beside_health() -> None:
-    registry = _every_registry()
+    registry = registry_of_every_metric()
     server = HealthServer("127.0.0.1", 0, lambda: (True, {"status": "ok"}), registry)
     port = await server.start()
     try:
