@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests use as real outside clients, when they are missing:
-# kcat (a non-Python Kafka client), docker-compose (validates docker-compose.yml) and chromium
-# (the reviewer page's browser test). Installs only as root; otherwise says what is missing.
+# kcat (a non-Python Kafka client), docker-compose (validates docker-compose.yml), chromium
+# (the reviewer page's browser test) and prometheus (a real server scrapes the stack; promtool checks
+# every /metrics and the compose stack's Prometheus config). Installs only as root; otherwise says
+# what is missing.
 set -euo pipefail
 
-declare -A PACKAGE_OF=([kcat]=kcat [docker-compose]=docker-compose [chromium]=chromium)
+declare -A PACKAGE_OF=([kcat]=kcat [docker-compose]=docker-compose [chromium]=chromium [prometheus]=prometheus
+    [promtool]=prometheus)
 missing=()
 for command in "${!PACKAGE_OF[@]}"; do
     command -v "$command" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$command]}")

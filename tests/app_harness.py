@@ -80,6 +80,8 @@ class AppHarness(Generic[App, Settings]):
         work(task)
         self.changelog[partition].extend(store.pending_changes().items())
         store.commit()
+        for callback in task.tally.callbacks:  # as the runner does once the transaction committed
+            callback()
         outs = []
         for out in task.outbox:
             assert out.value is not None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -12,6 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.metrics import exposition
+from tests.test_metrics import registry_of_every_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -211,3 +217,82 @@ def test_cluster_override_gives_every_client_all_nodes_and_three_replicas(
         assert env["CHOREO_BOOTSTRAP_SERVERS"].split(",") == [f"{node}:19092" for node in KAFKA_NODES], name
         assert env["CHOREO_REPLICATION_FACTOR"] == "3", name
         assert set(service["depends_on"]) >= set(KAFKA_NODES), name
+
+
+# --- Prometheus and Grafana ------------------------------------------------------------------------
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+# A metric name in a PromQL expression: what is not a function, keyword, label or label value.
+METRIC_NAME = re.compile(r"\b(choreo_[a-z0-9_]+|process_[a-z0-9_]+|up)\b")
+
+
+def _scrape_targets() -> set[str]:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    return {
+        str(target)
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static.get("targets", [])
+    }
+
+
+def test_prometheus_scrapes_every_service_on_its_health_port(
+    services: dict[str, dict[str, Any]], app_services: dict[str, dict[str, Any]]
+) -> None:
+    prometheus = services["prometheus"]
+    assert str(prometheus["image"]).startswith("prom/prometheus:")
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    targets = _scrape_targets()
+    for name, service in app_services.items():
+        environment = _environment(service)
+        assert f"{name}:{environment['CHOREO_HEALTH_PORT']}" in targets, name
+        assert environment["CHOREO_HEALTH_HOST"] == "0.0.0.0", name
+    assert len(targets) == len(app_services)
+
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_is_provisioned_with_the_prometheus_data_source(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    assert str(grafana["image"]).startswith("grafana/grafana:")
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    [source] = sources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "choreo.yml").read_text())
+    assert [provider["options"]["path"] for provider in providers["providers"]] == ["/var/lib/grafana/dashboards"]
+
+
+def test_every_dashboard_query_names_metrics_the_services_serve() -> None:
+    text = exposition(registry_of_every_metric()).decode()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    served = {
+        family.name + suffix
+        for family in text_string_to_metric_families(text)
+        for suffix in suffixes.get(family.type, ("",))
+    }
+    served |= {"up"}  # Prometheus's own, per target
+    source_uid = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ][0]["uid"]
+    dashboard = json.loads((GRAFANA / "dashboards" / "choreo.json").read_text())
+    named: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source_uid, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            found = set(METRIC_NAME.findall(target["expr"]))
+            assert found, (panel["title"], target["expr"])
+            assert found <= served, (panel["title"], sorted(found - served))
+            named |= found
+    for wanted in ("choreo_saga_outcomes_total", "choreo_saga_duration_seconds_bucket",
+                   "choreo_consumer_lag_records", "choreo_dead_letters_total"):  # fmt: skip
+        assert wanted in named, wanted

@@ -49,6 +49,7 @@ class ApprovalsView:
     def __init__(self) -> None:
         self._states: dict[str, ApprovalState] = {}
         self._claims: dict[str, str] = {}
+        self._pending: set[str] = set()
         self._caught_up = asyncio.Event()
         self.updated_at: float | None = None
         self.records = 0
@@ -65,6 +66,7 @@ class ApprovalsView:
         if value is None:
             self._states.pop(order_id, None)
             self._claims.pop(order_id, None)
+            self._pending.discard(order_id)
             return
         try:
             state = ApprovalState.model_validate_json(value)
@@ -74,7 +76,10 @@ class ApprovalsView:
         # `handled` (every emitted event, verbatim) is the stream side's deduplication record; the
         # API never needs it, and dropping it keeps the view a fraction of the changelog's size.
         self._states[order_id] = state.model_copy(update={"handled": {}})
-        if state.status is not ApprovalStatus.PENDING:
+        if state.status is ApprovalStatus.PENDING:
+            self._pending.add(order_id)
+        else:
+            self._pending.discard(order_id)
             self._claims.pop(order_id, None)
 
     def mark_caught_up(self) -> None:
@@ -103,6 +108,10 @@ class ApprovalsView:
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def pending_count(self) -> int:
+        """Approvals waiting for a reviewer's decision."""
+        return len(self._pending)
 
     # --- in-flight decisions ----------------------------------------------------------------
 

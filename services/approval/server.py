@@ -20,6 +20,7 @@ from opentelemetry.trace import TracerProvider
 
 from services.approval.api import create_api
 from services.approval.app import build_app
+from services.approval.metrics import PendingApprovals
 from services.approval.publisher import KafkaDecisionPublisher
 from services.approval.readmodel import ApprovalsView, ChangelogTail
 from services.approval.settings import ApprovalSettings
@@ -144,11 +145,15 @@ def reviewer_api(
 
     async def run(runner: TransactionalRunner) -> None:
         api = ReviewerApi(settings, stream=runner_report(runner), tracer_provider=tracer_provider)
+        # Served on the process's /metrics beside the stream runner's own.
+        pending = PendingApprovals(api.view.pending_count)
+        runner.metrics.registry.register(pending)
         await api.start()
         try:
             await api.serve(settings.approval_http_host, settings.approval_http_port)
         finally:
             await api.stop()
+            runner.metrics.registry.unregister(pending)
 
     return run
 

@@ -52,6 +52,14 @@ class ApprovalSettings(ChoreoSettings):
     approval_http_port: int = Field(
         default=8000, ge=0, le=65535, description="Port of the reviewer API; 0 picks a free one."
     )
+    health_port: int = Field(
+        default=8106,
+        ge=0,
+        le=65535,
+        description="Port of the stream runner's /health and the process's /metrics (the API serves its own "
+        "/health); 0 picks a free one.",
+    )
+
     approval_http_max_body: ByteSize = Field(
         default=ByteSize(DEFAULT_MAX_BODY_BYTES),
         gt=0,

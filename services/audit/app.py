@@ -6,10 +6,14 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client.registry import Collector
+
 from schemas.envelope import Envelope
+from schemas.events import OrderPlaced
 from schemas.topics import AUDIT, AUDIT_STATE, SAGA_TOPICS, Topic
 from services.audit.domain import HELD_INDEX_KEY, AuditOrderState, HeldIndex, Outcome, arrival, rejection_of
 from services.audit.handlers import on_event, on_tick
+from services.audit.metrics import AuditMetrics
 from services.audit.settings import AuditSettings
 from services.common.processor import Incoming, TaskContext
 from services.common.saga import decode, forgotten, order_key
@@ -25,9 +29,15 @@ class AuditApp:
     changelog = AUDIT_STATE
     in_process: Sequence[Topic] = ()
 
-    def __init__(self, causal_wait: timedelta, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        causal_wait: timedelta,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: AuditMetrics | None = None,
+    ) -> None:
         self.causal_wait = causal_wait
         self.clock = clock
+        self.metrics = metrics if metrics is not None else AuditMetrics()
         # After a restart the backlog may still hold the causes we wait for, so the wait counts
         # from when this process started working on the task, not only from when the event was held.
         self._active_since: dict[int, datetime] = {}
@@ -57,6 +67,9 @@ class AuditApp:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})
             return
         self._apply(task, state, outcome)
+
+    def collectors(self) -> Sequence[Collector]:
+        return self.metrics.collectors()
 
     def tick(self, task: TaskContext, now: datetime) -> None:
         started = self._active_since.setdefault(task.partition, now)
@@ -95,6 +108,12 @@ class AuditApp:
         for event in outcome.written:
             # The record's own bytes, not a re-serialization: the audit shows exactly what was published.
             task.send(AUDIT, state.order_id, event.raw.encode())
+        if outcome.written:
+            written, placed_at = outcome.written, before.placed_at
+            task.after_commit(lambda: self.metrics.written(written, placed_at))
+            placed = [event.occurred_at for event in written if event.type == OrderPlaced.__name__]
+            if placed and not state.closed:
+                state = state.model_copy(update={"placed_at": placed[0]})
         # An order holding events waits for their causes; any other is forgotten one horizon after its
         # latest event (it is already as small as a marker: the ids written, no events).
         expires_at = None if state.held else task.stream_time_ms + task.retention_ms

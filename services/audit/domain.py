@@ -74,6 +74,9 @@ class AuditOrderState(BaseModel):
     held: dict[str, HeldEvent] = {}
     closed: bool = False
     last_by_topic: dict[str, str] = {}
+    placed_at: AwareDatetime | None = None
+    """When the order's OrderPlaced occurred, once written and until the order closes: where its saga's
+    duration starts."""
 
     def seen(self, event_id: str) -> bool:
         return event_id in self.held or event_id in self.written

@@ -51,6 +51,7 @@ from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import partition_for, topic_config
+from services.common.metrics import MeteredApp, RunnerMetrics, Tally, fetched_lag
 from services.common.settings import ChoreoSettings
 from services.common.stack import run_dir
 from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
@@ -143,10 +144,20 @@ class TaskContext:
     """The latest record timestamp this task has processed (or the clock, in a tick): what expiry follows."""
     tracing: Tracing = field(default_factory=Tracing)
     """Spans of the runner; a timer that emits for an order opens one with `tracing.timer`."""
+    tally: Tally = field(default_factory=Tally)
+    """What this batch did that metrics count once its transaction commits."""
 
     @property
     def retention_ms(self) -> int:
         return int(self.settings.order_retention.total_seconds() * 1000)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the transaction carrying this batch has committed; never if it aborts."""
+        self.tally.callbacks.append(callback)
+
+    def mark(self, outcome: str) -> None:
+        """What became of the record being processed when it was not simply handled (`services.common.metrics`)."""
+        self.tally.mark(outcome)
 
     def emit(self, envelope: Envelope) -> None:
         """Publish a contract event on the saga topic the registry assigns to its type."""
@@ -164,6 +175,7 @@ class TaskContext:
         self.outbox.append(Outgoing(topic, message.key, message.value, partition, (*message.headers, origin)))
 
     def dead_letter(self, message: Incoming, reason: str) -> None:
+        self.tally.dead_lettered(message, reason)
         record = DeadLetter(
             reason=reason,
             topic=self.settings.topic(message.topic),
@@ -232,6 +244,7 @@ class TransactionalRunner:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         heap: HeapTrimmer | None = None,
         tracer_provider: TracerProvider | None = None,
+        metrics: RunnerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.app = app
@@ -240,6 +253,10 @@ class TransactionalRunner:
         self.clock = clock
         self.group_id = settings.group(app.name)
         self.stats = RunnerStats()
+        self.metrics = metrics if metrics is not None else RunnerMetrics(app.name)
+        self.metrics.follow(app.inputs, self.partition_lag)
+        # Every record is tallied with its outcome around the service's own handling.
+        self.app = MeteredApp(app)
         self._stores: dict[int, KeyedStore] = {}
         self._stream_time: dict[int, int] = {}
         self._topics_by_name = {settings.topic(topic): topic for topic in app.inputs}
@@ -350,6 +367,17 @@ class TransactionalRunner:
             behind += max(0, ends[tp] - await consumer.position(tp))
         return behind
 
+    def partition_lag(self) -> list[tuple[str, int, int]]:
+        """(registry topic, partition, records behind) of each owned input partition, as last fetched."""
+        consumer = self._consumer
+        if consumer is None or self._producer is None:
+            return []
+        return [
+            (self._topics_by_name[tp.topic].name, tp.partition, behind)
+            for tp, behind in fetched_lag(consumer)
+            if tp.topic in self._topics_by_name and tp.partition in self._stores
+        ]
+
     async def wait_assigned(self) -> None:
         await self._assigned.wait()
 
@@ -359,6 +387,7 @@ class TransactionalRunner:
         consumer = self._consumer
         if self._producer is None or consumer is None:
             return
+        started = time.perf_counter()
         by_task: dict[int, dict[TopicPartition, list[Any]]] = {}
         for tp, rows in batch.items():
             if rows and tp.partition in self._stores:
@@ -378,6 +407,8 @@ class TransactionalRunner:
                 self.app.tick(context, now)
                 self._dispatch(self._hand_over(context, sent))
         self.stats.batches += len(by_task)
+        if by_task:
+            self.metrics.batch_handled(started)
         if self._handover.backlogged:
             for tp in list(self._handover.backlogged):
                 self._handover.positioned(tp, await consumer.position(tp))
@@ -497,6 +528,7 @@ class TransactionalRunner:
             ]
             if changes[partition]:
                 last_changelog_write[partition] = len(records) - 1
+        commit_started = time.perf_counter()
         try:
             # Whoever takes a partition over reads from the tag which producer it must fence.
             written = await producer.commit(
@@ -508,6 +540,7 @@ class TransactionalRunner:
             fenced = TaskFencedError(f"{self.app.name} ({self._transactional_id}) was fenced by a newer owner")
             # Kept as well as raised: met in a rebalance listener, the error would end with aiokafka's log.
             self._failure = fenced
+            self.metrics.fenced.labels(self.app.name).inc()
             self._rollback()
             self.stop()  # and take no new assignment while the consumer leaves the group
             await self._release_assignment()
@@ -515,6 +548,7 @@ class TransactionalRunner:
         except TransactionFailedError:
             # The transaction was aborted: start again from what was committed.
             log.exception("transaction failed; resuming from the last commit", extra={"service": self.app.name})
+            self.metrics.aborts.labels(self.app.name).inc()
             self._rollback()
             await self._restart_producer()
             self._rewind()
@@ -534,6 +568,15 @@ class TransactionalRunner:
             self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
         self._last_commit = time.monotonic()
+        self._committed(contexts.values(), time.perf_counter() - commit_started)
+
+    def _committed(self, contexts: Iterable[TaskContext], commit_seconds: float) -> None:
+        """What follows a successful commit only: its counts, and each batch's `after_commit` callbacks."""
+        contexts = list(contexts)
+        self.metrics.committed(contexts, commit_seconds)
+        for context in contexts:
+            for callback in context.tally.callbacks:
+                callback()
 
     def _rollback(self) -> None:
         for store in self._stores.values():
@@ -613,6 +656,7 @@ class TransactionalRunner:
 
     async def _fence(self, transactional_id: str) -> None:
         await fence(self.settings, transactional_id)
+        self.metrics.fenced_owners.labels(self.app.name).inc()
         log.info("fenced an earlier owner", extra={"service": self.app.name, "transactional_id": transactional_id})
 
     async def _restart_producer(self) -> None:
@@ -776,6 +820,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # what was handled since is committed now, so the next owner need not redo it.
         async with self.runner._work_lock:
             if self.runner._producer is not None:
+                self.runner.metrics.revocations.labels(self.runner.app.name).inc()
                 await self.runner._flush()
             await self.runner._release_assignment()
 
@@ -791,6 +836,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.runner._fail(error)
                 return
         self.runner._assigned.set()
+        self.runner.metrics.assignments.labels(self.runner.app.name).inc()
         log.info(
             "partitions assigned",
             extra={

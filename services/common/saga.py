@@ -18,6 +18,7 @@ from schemas.envelope import CE_TYPE, ContractError, Envelope, Source, describe_
 from schemas.events import EVENT_TYPES, Event
 from schemas.topics import Topic
 from services.common.kafka import partition_for
+from services.common.metrics import FORWARDED, SKIPPED
 from services.common.processor import Incoming, TaskContext
 
 
@@ -112,6 +113,7 @@ def decode(
         if _elsewhere(task, message):
             return None
     elif handles is not None and ignored(message, handles):
+        task.mark(SKIPPED)
         return None
     checked = _checked(task, message)
     if isinstance(checked, Envelope):
@@ -134,6 +136,9 @@ def _elsewhere(task: TaskContext, message: Incoming) -> bool:
         return False
     if message.topic.routed_by == task.service:
         task.forward(message, expected)
+        task.mark(FORWARDED)
+    else:
+        task.mark(SKIPPED)
     return True
 
 

@@ -1,4 +1,4 @@
-"""Running a stateful service as a process: logging, signals, the transactional loop and /health."""
+"""Running a stateful service as a process: logging, signals, the transactional loop, /health and /metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from opentelemetry.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from services.common.logs import configure_logging
 from services.common.loop import run
+from services.common.metrics import HasMetrics, RunnerMetrics, exposition, process_registry
 from services.common.processor import StreamApp, TransactionalRunner
 from services.common.settings import ChoreoSettings
 from services.common.tracing import process_tracing
@@ -21,12 +24,20 @@ log = logging.getLogger(__name__)
 
 
 class HealthServer:
-    """GET /health: 200 while the service owns its partitions and runs, 503 otherwise."""
+    """GET /health: 200 while the service owns its partitions and runs, 503 otherwise; GET /metrics:
+    `metrics` in Prometheus's text format (404 when the server has none)."""
 
-    def __init__(self, host: str, port: int, report: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        report: Callable[[], tuple[bool, dict[str, Any]]],
+        metrics: CollectorRegistry | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self._report = report
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -45,14 +56,19 @@ class HealthServer:
             while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = request_line.decode(errors="replace").split()
-            if len(parts) < 2 or parts[0] != "GET" or parts[1].split("?")[0] != "/health":
-                status, body = "404 Not Found", {"detail": "only GET /health is served here"}
-            else:
+            path = parts[1].split("?")[0] if len(parts) >= 2 and parts[0] == "GET" else None
+            content_type = "application/json"
+            if path == "/health":
                 healthy, body = self._report()
                 status = "200 OK" if healthy else "503 Service Unavailable"
-            payload = json.dumps(body).encode()
+                payload = json.dumps(body).encode()
+            elif path == "/metrics" and self._metrics is not None:
+                status, content_type, payload = "200 OK", CONTENT_TYPE_LATEST, exposition(self._metrics)
+            else:
+                served = "GET /health and GET /metrics are" if self._metrics is not None else "only GET /health is"
+                status, payload = "404 Not Found", json.dumps({"detail": f"{served} served here"}).encode()
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
                 "Connection: close\r\n\r\n".encode()
                 + payload
             )
@@ -94,10 +110,19 @@ async def serve(
     *,
     also: Callable[[TransactionalRunner], Coroutine[Any, Any, None]] | None = None,
     tracer_provider: TracerProvider | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
-    """Run `app` until SIGTERM or SIGINT; `also` runs beside it (for example an HTTP API)."""
-    runner = TransactionalRunner(settings, app, tracer_provider=tracer_provider)
-    health = HealthServer(settings.health_host, settings.health_port, runner_report(runner))
+    """Run `app` until SIGTERM or SIGINT; `also` runs beside it (for example an HTTP API).
+
+    `registry` (a fresh one by default) is the process's: the runner's metrics, the app's own and
+    the process's CPU and memory go there, and /metrics serves it.
+    """
+    registry = registry if registry is not None else process_registry()
+    metrics = RunnerMetrics(app.name, registry)
+    for collector in app_collectors(app):
+        registry.register(collector)
+    runner = TransactionalRunner(settings, app, tracer_provider=tracer_provider, metrics=metrics)
+    health = HealthServer(settings.health_host, settings.health_port, runner_report(runner), registry)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runner.stop)
@@ -116,6 +141,11 @@ async def serve(
             task.result()  # re-raise a crash so the process exits non-zero
     finally:
         await health.stop()
+
+
+def app_collectors(app: StreamApp) -> list[Collector]:
+    """The app's own metrics, if it has any."""
+    return list(app.collectors()) if isinstance(app, HasMetrics) else []
 
 
 Settings = TypeVar("Settings", bound=ChoreoSettings)

@@ -15,12 +15,15 @@ from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.web import Request, Response, View
 from opentelemetry.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from schemas.envelope import Envelope
 from schemas.topics import AUDIT, MONITOR_ALERTS, MONITOR_STATE
+from services.common.metrics import exposition, process_registry
 from services.common.tracing import current_trace_headers, traceparent_of
 from services.monitor.domain import SAGA_PREFIX, SERVICE_PREFIX, STATS_PREFIX, PartitionStats, SagaRecord, ServiceHealth
 from services.monitor.engine import MonitorEngine
+from services.monitor.metrics import MonitorMetrics
 from services.monitor.probes import HttpProbe, LogProbe
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import PartitionedTable, TableStore
@@ -96,10 +99,20 @@ class _Ports:
 
 
 class Monitor:
-    """One monitor instance: `app` is the faust app to start; `port` serves /health and /monitor/*."""
+    """One monitor instance: `app` is the faust app to start; `port` serves /health, /metrics and /monitor/*.
 
-    def __init__(self, settings: MonitorSettings, tracer_provider: TracerProvider | None = None) -> None:
+    `registry` is the process's (a fresh one by default): what /metrics serves.
+    """
+
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        tracer_provider: TracerProvider | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
+        self.registry = registry if registry is not None else process_registry()
+        self.metrics = MonitorMetrics(self.registry, tuple(settings.monitor_targets))
         self.port = settings.health_port or _free_port(settings.health_host)
         self.app = MonitorFaustApp(
             id=settings.group("monitor"),
@@ -161,7 +174,9 @@ class Monitor:
         )
         self.app.tables.add(self.table)
         self.ports = _Ports(self)
-        self.engine = MonitorEngine(settings, TableStore(self.table), self.ports, tracer_provider=tracer_provider)
+        self.engine = MonitorEngine(
+            settings, TableStore(self.table), self.ports, tracer_provider=tracer_provider, metrics=self.metrics
+        )
         self._gate = asyncio.Lock()
         self._reconciled_at: int | None = None
         self._wire()
@@ -249,6 +264,11 @@ class Monitor:
                 "alerts": engine.alerts_sent,
             }
             return view.json(body, status=200 if ready else 503)
+
+        @app.page("/metrics")
+        async def metrics(view: View, request: Request) -> Response:
+            # Passed as a header: aiohttp refuses a charset inside `content_type`.
+            return view.bytes(exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         @app.page("/monitor/services")
         async def services(view: View, request: Request) -> Response:

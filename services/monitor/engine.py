@@ -42,6 +42,7 @@ from services.monitor.domain import (
     stats_key,
     stuck_alert,
 )
+from services.monitor.metrics import MonitorMetrics
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import StateStore
 
@@ -101,11 +102,14 @@ class MonitorEngine:
         store: StateStore,
         ports: Ports,
         clock: Callable[[], datetime] = utc_now,
+        *,
         tracer_provider: trace.TracerProvider | None = None,
+        metrics: MonitorMetrics | None = None,
     ) -> None:
         self.settings = settings
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer(TRACER_NAME)
+        self.metrics = metrics if metrics is not None else MonitorMetrics(targets=tuple(settings.monitor_targets))
         self.store = store
         self.ports = ports
         self.clock = clock
@@ -253,8 +257,10 @@ class MonitorEngine:
         if await self.ports.alert_published(pending):
             log.info("pending alert was already published", extra={"subject": pending.subject})
         else:
-            await self._send(pending.to_envelope(), record)
+            alert = pending.to_envelope()
+            await self._send(alert, record)
             self.alerts_sent += 1
+            self.metrics.alerted(alert.type)
             log.warning("pending alert published after a restart", extra={"subject": pending.subject})
         self.save(key, record.model_copy(update={"pending": None}), partition)
 
@@ -280,6 +286,7 @@ class MonitorEngine:
         raises: list[Raise] = []
         for health, (ok, detail) in zip(due, outcomes, strict=True):
             result = CheckResult(ok=ok, detail=detail, at=self.clock())
+            self.metrics.checked(health.service, ok)
             updated, alert = observe(health, result, self.policy)
             key = service_key(health.service)
             if alert is None:
@@ -315,6 +322,7 @@ class MonitorEngine:
                     raises.append(Raise(key, flagged, stuck_alert(saga, now, sla), partition))
         await self._raise(raises)
         self.sla_rounds += 1
+        self.metrics.sla_rounds.inc()
         return len(raises)
 
     # --- alerts -----------------------------------------------------------------------------------
@@ -343,6 +351,7 @@ class MonitorEngine:
         for item in raises:
             await self._send(item.alert, item.record)
             self.alerts_sent += 1
+            self.metrics.alerted(item.alert.type)
             log.warning("alert raised", extra={"type": item.alert.type, "subject": item.alert.order_id})
             current = self.load(item.key, type(item.record))
             # The stream may have deleted a saga that finished while the alert was in flight.

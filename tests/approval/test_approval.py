@@ -50,7 +50,7 @@ def test_settings_defaults() -> None:
     assert s.approval_escalation_fraction == 0.5
     assert s.approval_token is None
     assert (s.approval_http_host, s.approval_http_port) == ("127.0.0.1", 8000)
-    assert s.health_port == 0
+    assert s.health_port == 8106
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("1", timedelta(seconds=1)), ("90", timedelta(seconds=90)),

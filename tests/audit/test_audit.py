@@ -344,7 +344,10 @@ def test_a_finished_order_keeps_only_the_ids_of_its_events() -> None:
     assert state.closed
     assert state.held == {}
     assert sorted(state.written) == sorted(ids(saga))
-    assert set(json.loads(state.model_dump_json())) == {"order_id", "written", "held", "closed", "last_by_topic"}
+    assert set(json.loads(state.model_dump_json())) == {
+        "order_id", "written", "held", "closed", "last_by_topic", "placed_at"
+    }  # fmt: skip
+    assert state.placed_at is None
     assert "OrderPlaced" not in state.model_dump_json()
     # And the task no longer lists the order as waiting
     assert audit.held_index().orders == {}
