@@ -143,7 +143,7 @@ def test_records_are_counted_by_topic_and_outcome_once_their_transaction_commits
     )
     _process(runner, task, _incoming(APPROVAL_EVENTS, granted, 0))
     _process(runner, task, _incoming(APPROVAL_EVENTS, requested, 1))  # shipping skips it unparsed
-    _process(runner, task, _incoming(ORDERS, None, 0, value=b"{not json"))
+    _process(runner, task, _incoming(APPROVAL_EVENTS, None, 2, value=b"{not json"))
     registry = runner.metrics.registry
     processed = "choreo_records_processed_total"
     assert sample(registry, processed, service="shipping", topic="approval.events", outcome="handled") == 0
@@ -152,9 +152,9 @@ def test_records_are_counted_by_topic_and_outcome_once_their_transaction_commits
 
     assert sample(registry, processed, service="shipping", topic="approval.events", outcome="handled") == 1
     assert sample(registry, processed, service="shipping", topic="approval.events", outcome="skipped") == 1
-    assert sample(registry, processed, service="shipping", topic="orders", outcome="dead_lettered") == 1
-    assert sample(registry, processed, service="shipping", topic="orders", outcome="handled") == 0
-    assert sample(registry, "choreo_dead_letters_total", service="shipping", topic="orders", reason="json") == 1
+    assert sample(registry, processed, service="shipping", topic="approval.events", outcome="dead_lettered") == 1
+    dead = sample(registry, "choreo_dead_letters_total", service="shipping", topic="approval.events", reason="json")
+    assert dead == 1
     assert sample(registry, "choreo_transaction_records_sum", service="shipping") == 3
     assert sample(registry, "choreo_transaction_commit_duration_seconds_count", service="shipping") == 1
 
