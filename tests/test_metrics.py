@@ -6,6 +6,7 @@ import subprocess
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -13,19 +14,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.envelope import Envelope, Source
-from schemas.events import Address, ApprovalGranted, ApprovalRequested, OrderDetails, OrderLine
+from schemas.events import Address, ApprovalGranted, ApprovalRequested, OrderDetails, OrderLine, OrderPlaced
 from schemas.topics import APPROVAL_DECISIONS, APPROVAL_EVENTS, ORDERS, PAYMENT_EVENTS, Topic
 from services.approval.domain import ApprovalState, ApprovalStatus
 from services.approval.metrics import ApprovalMetrics, PendingApprovals
 from services.approval.readmodel import ApprovalsView
 from services.audit.app import AuditApp
 from services.audit.metrics import CANCELLATION_REASONS, AuditMetrics, cancellation_category
+from services.common.kafka import partition_for
 from services.common.metrics import DEAD_LETTER_REASONS, RunnerMetrics, dead_letter_category, exposition
 from services.common.processor import Incoming, TaskContext, TransactionalRunner
 from services.common.saga import order_key
 from services.common.service import HealthServer, app_collectors
 from services.common.settings import ChoreoSettings
 from services.common.state import KeyedStore
+from services.inventory.app import build_app as build_inventory
+from services.inventory.settings import InventorySettings
 from services.monitor.metrics import MonitorMetrics
 from services.shipping.app import build_app as build_shipping
 from services.shipping.settings import ShippingSettings
@@ -379,3 +383,31 @@ def test_decisions_are_counted_once_as_ruled_and_timeouts_with_them() -> None:
     view.apply(order_key("o-3"), None)
     [family] = pending.collect()
     assert [s.value for s in family.samples] == [1]
+
+
+def test_a_misplaced_client_record_counts_forwarded_by_its_router_and_skipped_by_other_readers() -> None:
+    # Given a client's order on another partition than its key's, read by the router and by shipping
+    placed = Envelope.new(OrderPlaced(**_order().model_dump()), order_id="o-1", source=Source.CLIENT)
+    right = partition_for(placed.key, 2)
+    misplaced = Incoming(ORDERS, 1 - right, 5, placed.key, placed.to_bytes(), 0, placed.headers())
+    counts: dict[str, dict[str, float]] = {}
+    builds: tuple[tuple[ChoreoSettings, Any], ...] = (
+        (InventorySettings(_env_file=None, partitions=2, state_store="memory", environment="test"), build_inventory),
+        (ShippingSettings(_env_file=None, partitions=2, state_store="memory", environment="test"), build_shipping),
+    )
+    for settings, build in builds:
+        runner = TransactionalRunner(settings, build(settings))
+        task = TaskContext(1 - right, settings, runner.app.name, runner._store_factory.open(1 - right))
+        # When each processes it and commits
+        _process(runner, task, misplaced)
+        runner._committed([task], 0.001)
+        counts[runner.app.name] = {
+            outcome: sample(runner.metrics.registry, "choreo_records_processed_total", service=runner.app.name,
+                            topic="orders", outcome=outcome)
+            for outcome in ("forwarded", "skipped", "handled")
+        }  # fmt: skip
+    # Then the router counts it forwarded, the other reader skipped, and neither handled it
+    assert counts == {
+        "inventory": {"forwarded": 1, "skipped": 0, "handled": 0},
+        "shipping": {"forwarded": 0, "skipped": 1, "handled": 0},
+    }
