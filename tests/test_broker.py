@@ -260,3 +260,16 @@ def test_start_fails_with_log_tail_when_jvm_exits(tmp_path: Path) -> None:
     # The JVM's own complaint, from logs/kafka.out, is part of the error.
     assert "heap" in str(info.value).lower()
     assert not local.status().running
+
+
+def test_a_node_that_died_before_its_wait_says_why(tmp_path: Path) -> None:
+    # Given a node launched without waiting (as a cluster launches its nodes), whose JVM exits at once
+    local = LocalBroker(_settings(tmp_path / "broker", heap="1k"))
+    launched = local.start(timeout=60, wait=False)
+    deadline = time.monotonic() + 60
+    while broker_module._pid_alive(launched.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # When its readiness is awaited, then the error is the JVM's exit and its reason, not "not running"
+    with pytest.raises(BrokerError, match="exited during start-up") as info:
+        local.wait_ready(10)
+    assert "heap" in str(info.value).lower()

@@ -267,6 +267,10 @@ class LocalBroker:
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until the running node answers an admin request and lists itself."""
         pid = self._running_pid()
+        if pid is None and self._proc is not None:
+            # Launched here and already gone (or not yet showing as the broker): the wait says which,
+            # with the JVM's exit code and the log lines that explain it.
+            pid = self._proc.pid
         if pid is None:
             raise BrokerError(f"no broker of {self._run_dir} is running")
         self._wait_ready_or_kill(pid, timeout)
