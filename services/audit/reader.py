@@ -7,7 +7,6 @@ number of readers can run beside the services. read_committed, so only committed
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -16,8 +15,8 @@ from aiokafka import TopicPartition
 from schemas.envelope import ContractError, Envelope
 from schemas.topics import AUDIT
 from services.audit.timeline import OrderStatus, event_line, order_status, timeline
+from services.common.kafka import batches_until, partition_for
 from services.common.kafka import consumer as make_consumer
-from services.common.kafka import partition_for
 from services.common.settings import ChoreoSettings
 from services.common.topics import describe_topics
 
@@ -92,18 +91,9 @@ async def _read_to_end(settings: ChoreoSettings, order_id: str | None, stall_tim
         # Under read_committed these are the last stable offsets: an open transaction cannot make us wait.
         ends = await consumer.end_offsets(partitions)
         found: list[Envelope] = []
-        remaining = [tp for tp in partitions if await consumer.position(tp) < ends[tp]]
-        last_progress = time.monotonic()
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
+        async for batch in batches_until(consumer, ends, settings.topic(AUDIT), stall_timeout):
             for records in batch.values():
                 found.extend(_parse(records))
-            still = [tp for tp in remaining if await consumer.position(tp) < ends[tp]]
-            if batch or len(still) < len(remaining):
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > stall_timeout:
-                raise TimeoutError(f"no progress reading {settings.topic(AUDIT)} for {stall_timeout:.0f}s")
-            remaining = still
         return found
     finally:
         await consumer.stop()

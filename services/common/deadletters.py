@@ -11,7 +11,6 @@ replays instead of going round forever.
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from schemas.deadletter import (
     DeadLetter,
 )
 from schemas.topics import DEAD_LETTER
-from services.common.kafka import admin_client, partition_for
+from services.common.kafka import admin_client, batches_until, partition_for
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
@@ -199,18 +198,9 @@ async def read_dead_letters(
 
 async def _read_until(consumer: Any, ends: dict[TopicPartition, int], name: str, stall_timeout: float) -> list[Any]:
     records: list[Any] = []
-    remaining = [tp for tp in ends if await consumer.position(tp) < ends[tp]]
-    last_progress = time.monotonic()
-    while remaining:
-        batch = await consumer.getmany(*remaining, timeout_ms=500)
+    async for batch in batches_until(consumer, ends, name, stall_timeout):
         for tp, rows in batch.items():
             records.extend(row for row in rows if row.offset < ends[tp])
-        still = [tp for tp in remaining if await consumer.position(tp) < ends[tp]]
-        if batch or len(still) < len(remaining):
-            last_progress = time.monotonic()
-        elif time.monotonic() - last_progress > stall_timeout:
-            raise TimeoutError(f"no progress reading {name} for {stall_timeout:.0f}s")
-        remaining = still
     return sorted(records, key=lambda row: (row.partition, row.offset))
 
 

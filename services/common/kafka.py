@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import for_code
@@ -76,3 +78,24 @@ async def topic_config(admin: AIOKafkaAdminClient, topic: str, key: str) -> str 
                     value: str = entry[1]
                     return value
     return None
+
+
+async def batches_until(
+    consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int], name: str, stall_timeout: float
+) -> AsyncIterator[dict[TopicPartition, list[Any]]]:
+    """Each batch an assigned, positioned `consumer` reads until it has passed `ends` on every partition.
+
+    Raises TimeoutError when `stall_timeout` seconds pass with no record and no partition done: reading
+    `name` has stalled (a broker gone, say), and waiting longer would hang the caller.
+    """
+    remaining = [tp for tp in ends if await consumer.position(tp) < ends[tp]]
+    last_progress = time.monotonic()
+    while remaining:
+        batch = await consumer.getmany(*remaining, timeout_ms=500)
+        yield batch
+        still = [tp for tp in remaining if await consumer.position(tp) < ends[tp]]
+        if batch or len(still) < len(remaining):
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > stall_timeout:
+            raise TimeoutError(f"no progress reading {name} for {stall_timeout:.0f}s")
+        remaining = still
