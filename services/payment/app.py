@@ -44,11 +44,13 @@ from services.common.tracing import traceparent_of
 from services.payment.domain import (
     CreditLimits,
     CustomerLedger,
+    LedgerOperation,
     LedgerReply,
     LedgerRequest,
     PaymentOrder,
     Phase,
     RefundRetryIndex,
+    Settlement,
 )
 from services.payment.handlers import on_ledger_reply, on_ledger_request, order_handlers, retry_refund
 from services.payment.refunds import LedgerRefunds, RefundAttempt, RefundBackoff, RefundProvider, ScheduledOutages
@@ -59,12 +61,19 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 CUSTOMER_PREFIX = "customer:"
-# Neither `order:`- nor `customer:`-prefixed, so it can never collide with an order's or a customer's key.
+SETTLEMENT_PREFIX = "settlement:"
+# Prefixed by none of the above, so it can never collide with an order's, a customer's or a settlement's key.
 REFUND_RETRIES_KEY = "payment:refund-retries"
 
 
 def customer_key(customer_id: str) -> str:
     return f"{CUSTOMER_PREFIX}{customer_id}"
+
+
+def settlement_key(customer_id: str, order_id: str) -> str:
+    """How the customer's hold for the order ended: a key of its own, which expires after one retention
+    horizon, so a customer's ledger stays the size of its orders in flight however many it places."""
+    return f"{SETTLEMENT_PREFIX}{customer_id}:{order_id}"
 
 
 def ledger_balances(store: KeyedStore) -> dict[str, CustomerLedger]:
@@ -191,13 +200,15 @@ class PaymentApp:
 
     def _apply_ledger_request(self, task: TaskContext, request: LedgerRequest) -> None:
         key = customer_key(request.customer_id)
-        before = task.store.get(key, CustomerLedger) or CustomerLedger(
-            customer_id=request.customer_id, credit_limit=self.limits.of(request.customer_id)
-        )
-        ledger, reply = on_ledger_request(before, request)
-        ledger = ledger.aged(before, task.stream_time_ms, task.stream_time_ms - task.retention_ms)
-        if ledger != before:
-            task.store.put(key, ledger)
+        before = self._ledger(task, request.customer_id)
+        settled_key = settlement_key(request.customer_id, request.order_id)
+        past = task.store.get(settled_key, Settlement) if request.operation is LedgerOperation.HOLD else None
+        change = on_ledger_request(before, request, past)
+        if change.ledger != before:
+            task.store.put(key, change.ledger)
+        if change.settled is not None:
+            task.store.put(settled_key, change.settled, expires_at=task.stream_time_ms + task.retention_ms)
+        reply = change.reply
         if reply is not None:
             task.send(LEDGER_REPLIES, reply.order_id, reply.model_dump_json().encode())
             if not reply.held:
@@ -205,6 +216,20 @@ class PaymentApp:
                     "credit hold declined",
                     extra={"customer_id": request.customer_id, "order_id": request.order_id, "reason": reply.reason},
                 )
+
+    def _ledger(self, task: TaskContext, customer_id: str) -> CustomerLedger:
+        """The customer's ledger; settlements an older version kept inside it move to keys of their own."""
+        key = customer_key(customer_id)
+        stored = task.store.get(key, CustomerLedger)
+        if stored is None:
+            return CustomerLedger(customer_id=customer_id, credit_limit=self.limits.of(customer_id))
+        for order_id, settlement in stored.settled.items():
+            expires_at = (settlement.at_ms or task.stream_time_ms) + task.retention_ms
+            task.store.put(settlement_key(customer_id, order_id), settlement, expires_at=expires_at)
+        ledger = stored.without_legacy_settlements()
+        if ledger is not stored:
+            task.store.put(key, ledger)
+        return ledger
 
     def _apply_ledger_reply(self, task: TaskContext, message: Incoming, reply: LedgerReply) -> None:
         key = order_key(reply.order_id)

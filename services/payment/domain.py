@@ -116,7 +116,8 @@ class LedgerReply(BaseModel):
 
 
 class Settlement(BaseModel):
-    """How a hold ended, kept so a repeated request for the order answers without moving credit."""
+    """How a customer's hold for one order ended, kept for one retention horizon under a key of its own, so
+    a repeated request answers as the first and the ledger itself follows only the orders in flight."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -124,7 +125,17 @@ class Settlement(BaseModel):
     amount: Decimal
     reason: str | None = None
     at_ms: int = 0
-    """When it was settled (the task's stream time): settlements are kept for one retention horizon."""
+    """When a ledger written before settlements had keys of their own settled it (stream time); 0 since."""
+
+
+@dataclass(frozen=True)
+class LedgerChange:
+    """What one request does: the ledger after it, the answer to a hold, and the order's settlement if it
+    settled now."""
+
+    ledger: CustomerLedger
+    reply: LedgerReply | None = None
+    settled: Settlement | None = None
 
 
 class CustomerLedger(BaseModel):
@@ -133,7 +144,8 @@ class CustomerLedger(BaseModel):
 
     `holds` are the charges of orders still in flight, which a release or a refund may take back; a
     completed order's charge moves to `finalized_total` (it keeps using credit), so the ledger follows the
-    customer's orders in flight, not every order the customer ever completed.
+    customer's orders in flight, not every order the customer ever completed. How a hold ended is a
+    `Settlement` the caller keeps beside the ledger and hands back to `hold`.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -146,23 +158,23 @@ class CustomerLedger(BaseModel):
     finalized_total: Decimal = Decimal(0)
     holds: dict[str, Decimal] = {}
     settled: dict[str, Settlement] = {}
+    """Settlements of a ledger written before they had keys of their own: moved out when it is next read."""
 
     @property
     def available(self) -> Decimal:
         return self.credit_limit - self.used
 
-    def hold(self, order_id: str, amount: Decimal) -> tuple[CustomerLedger, LedgerReply]:
+    def hold(self, order_id: str, amount: Decimal, past: Settlement | None = None) -> LedgerChange:
+        """Hold `amount` for the order; `past` is how an earlier hold of the same order ended, if one did."""
         if order_id in self.holds:
-            return self, self._reply(order_id, self.holds[order_id], held=True)
-        if order_id in self.settled:
-            past = self.settled[order_id]
+            return LedgerChange(self, self._reply(order_id, self.holds[order_id], held=True))
+        if past is not None:
             reason = past.reason if past.outcome == "declined" else f"hold already {past.outcome}"
-            return self, self._reply(order_id, past.amount, held=False, reason=reason)
+            return LedgerChange(self, self._reply(order_id, past.amount, held=False, reason=reason))
         if self.used + amount > self.credit_limit:
             reason = f"credit limit exceeded: available {money(self.available)}"
             declined = Settlement(outcome="declined", amount=amount, reason=reason)
-            ledger = self.model_copy(update={"settled": {**self.settled, order_id: declined}})
-            return ledger, self._reply(order_id, amount, held=False, reason=reason)
+            return LedgerChange(self, self._reply(order_id, amount, held=False, reason=reason), declined)
         # The order stage charges exactly when a hold succeeds (unless the order was cancelled, and
         # then it releases), so a granted hold counts as charged until released or refunded.
         ledger = self.model_copy(
@@ -172,51 +184,42 @@ class CustomerLedger(BaseModel):
                 "holds": {**self.holds, order_id: amount},
             }
         )
-        return ledger, self._reply(order_id, amount, held=True)
+        return LedgerChange(ledger, self._reply(order_id, amount, held=True))
 
-    def aged(self, before: CustomerLedger, now_ms: int, horizon_ms: int) -> CustomerLedger:
-        """Settlements made since `before` stamped `now_ms`; those settled before `horizon_ms` forgotten,
-        so a customer's ledger follows its orders in flight, not every order it ever placed."""
-        settled = {
-            order_id: settlement if order_id in before.settled else settlement.model_copy(update={"at_ms": now_ms})
-            for order_id, settlement in self.settled.items()
-        }
-        kept = {order_id: settlement for order_id, settlement in settled.items() if settlement.at_ms >= horizon_ms}
-        if kept == self.settled:
-            return self
-        return self.model_copy(update={"settled": kept})
-
-    def release(self, order_id: str) -> CustomerLedger:
+    def release(self, order_id: str) -> LedgerChange:
         """Undo an authorization that was never charged; releasing an unknown hold changes nothing."""
         amount = self.holds.get(order_id)
         if amount is None:
-            return self
+            return LedgerChange(self)
         return self._close(
             order_id, amount, "released", used=self.used - amount, charged_total=self.charged_total - amount
         )
 
-    def refund(self, order_id: str) -> CustomerLedger:
+    def refund(self, order_id: str) -> LedgerChange:
         amount = self.holds.get(order_id)
         if amount is None:
-            return self
+            return LedgerChange(self)
         return self._close(
             order_id, amount, "refunded", used=self.used - amount, refunded_total=self.refunded_total + amount
         )
 
-    def finalize(self, order_id: str) -> CustomerLedger:
+    def finalize(self, order_id: str) -> LedgerChange:
         """The order completed: its hold leaves the ledger, its amount stays used; an unknown hold changes nothing."""
         amount = self.holds.get(order_id)
         if amount is None:
-            return self
+            return LedgerChange(self)
         return self._close(order_id, amount, "charged", finalized_total=self.finalized_total + amount)
+
+    def without_legacy_settlements(self) -> CustomerLedger:
+        return self.model_copy(update={"settled": {}}) if self.settled else self
 
     def _close(
         self, order_id: str, amount: Decimal, outcome: Literal["released", "refunded", "charged"], **totals: Decimal
-    ) -> CustomerLedger:
+    ) -> LedgerChange:
         """The hold leaves the ledger, settled with `outcome`; `totals` say how the sums move."""
         holds = {key: value for key, value in self.holds.items() if key != order_id}
-        settled = {**self.settled, order_id: Settlement(outcome=outcome, amount=amount)}
-        return self.model_copy(update={"holds": holds, "settled": settled, **totals})
+        ledger = self.model_copy(update={"holds": holds, **totals})
+        return LedgerChange(ledger, settled=Settlement(outcome=outcome, amount=amount))
 
     def _reply(self, order_id: str, amount: Decimal, *, held: bool, reason: str | None = None) -> LedgerReply:
         return LedgerReply(order_id=order_id, customer_id=self.customer_id, held=held, amount=amount, reason=reason)

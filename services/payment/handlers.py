@@ -28,12 +28,14 @@ from schemas.topics import LEDGER_REQUESTS
 from services.common.saga import Handler, Reaction, Request, payload
 from services.payment.domain import (
     CustomerLedger,
+    LedgerChange,
     LedgerOperation,
     LedgerReply,
     LedgerRequest,
     PaymentOrder,
     Phase,
     RefundRetry,
+    Settlement,
     text,
 )
 from services.payment.refunds import RefundAttempt
@@ -183,12 +185,13 @@ def on_ledger_reply(state: PaymentOrder, reply: LedgerReply) -> Reaction[Payment
 # --- ledger stage -------------------------------------------------------------------------------
 
 
-def on_ledger_request(ledger: CustomerLedger, request: LedgerRequest) -> tuple[CustomerLedger, LedgerReply | None]:
-    """Apply one request to the customer's credit; only a hold is answered."""
+def on_ledger_request(ledger: CustomerLedger, request: LedgerRequest, past: Settlement | None) -> LedgerChange:
+    """Apply one request to the customer's credit; only a hold is answered. `past` is how the order's
+    earlier hold ended, if one did."""
     if request.operation is LedgerOperation.HOLD:
-        return ledger.hold(request.order_id, request.amount)
+        return ledger.hold(request.order_id, request.amount, past)
     if request.operation is LedgerOperation.RELEASE:
-        return ledger.release(request.order_id), None
+        return ledger.release(request.order_id)
     if request.operation is LedgerOperation.FINALIZE:
-        return ledger.finalize(request.order_id), None
-    return ledger.refund(request.order_id), None
+        return ledger.finalize(request.order_id)
+    return ledger.refund(request.order_id)

@@ -33,8 +33,15 @@ from services.common.processor import Incoming, TaskContext
 from services.common.saga import order_key
 from services.common.state import KeyedStore
 from services.common.transactions import Outgoing
-from services.payment.app import PaymentApp, customer_key, ledger_balances
-from services.payment.domain import CreditLimits, CustomerLedger, LedgerReply, LedgerRequest, PaymentOrder
+from services.payment.app import PaymentApp, customer_key, ledger_balances, settlement_key
+from services.payment.domain import (
+    CreditLimits,
+    CustomerLedger,
+    LedgerReply,
+    LedgerRequest,
+    PaymentOrder,
+    Settlement,
+)
 from services.payment.refunds import (
     PROVIDER_UNAVAILABLE,
     LedgerRefunds,
@@ -178,10 +185,13 @@ class Harness:
     # --- reading state and outputs ------------------------------------------------------------
 
     def order(self, order_id: str) -> PaymentOrder | None:
-        return self._store_of(order_id).get(order_key(order_id), PaymentOrder)
+        return self.store_of(order_id).get(order_key(order_id), PaymentOrder)
 
     def ledger(self, customer_id: str) -> CustomerLedger | None:
-        return self._store_of(customer_id).get(customer_key(customer_id), CustomerLedger)
+        return self.store_of(customer_id).get(customer_key(customer_id), CustomerLedger)
+
+    def settlement(self, customer_id: str, order_id: str) -> Settlement | None:
+        return self.store_of(customer_id).get(settlement_key(customer_id, order_id), Settlement)
 
     def balances(self) -> dict[str, CustomerLedger]:
         found: dict[str, CustomerLedger] = {}
@@ -206,7 +216,7 @@ class Harness:
     def partition_of(self, key: str) -> int:
         return partition_for(key.encode(), SETTINGS.partitions)
 
-    def _store_of(self, key: str) -> KeyedStore:
+    def store_of(self, key: str) -> KeyedStore:
         return self.stores[self.partition_of(key)]
 
 

@@ -38,14 +38,16 @@ from schemas.topics import (
     SHIPPING_EVENTS,
 )
 from services.common.kafka import partition_for
-from services.payment.app import PaymentApp, build_app
+from services.payment.app import PaymentApp, build_app, customer_key, settlement_key
 from services.payment.domain import (
     CustomerFileError,
     CustomerLedger,
+    LedgerChange,
     LedgerOperation,
     LedgerReply,
     LedgerRequest,
     Phase,
+    Settlement,
     load_customers,
 )
 from services.payment.settings import DEFAULT_CUSTOMERS, PaymentSettings
@@ -63,6 +65,7 @@ from tests.payment.harness import (
 )
 
 ALICE = "alice"
+RETENTION_MS = int(SETTINGS.order_retention.total_seconds() * 1000)
 
 
 def payment_events(outs: list[Out]) -> list[Envelope]:
@@ -149,9 +152,10 @@ def test_a_hold_beyond_the_credit_limit_is_declined_and_moves_no_credit() -> Non
         reason="credit limit exceeded: available 0.00",
     )
     assert event.causation_id == trigger.event_id
-    ledger = harness.ledger("no-credit")
-    assert ledger is not None
-    assert (ledger.used, ledger.charged_total, ledger.holds) == (Decimal(0), Decimal(0), {})
+    assert harness.ledger("no-credit") is None  # nothing moved, so nothing was written
+    settlement = harness.settlement("no-credit", "o-1")
+    assert settlement is not None
+    assert (settlement.outcome, settlement.amount) == ("declined", Decimal("10.00"))
     state = harness.order("o-1")
     assert state is not None
     assert state.phase is Phase.DECLINED
@@ -233,7 +237,10 @@ def test_a_completed_order_leaves_the_ledger_and_its_charge_keeps_using_credit()
         Decimal("40.00"),
         Decimal("70.00"),
     )
-    assert ledger.settled["o-1"].outcome == "charged"
+    assert ledger.settled == {}
+    settlement = harness.settlement(ALICE, "o-1")
+    assert settlement is not None
+    assert settlement.outcome == "charged"
     state = harness.order("o-1")
     assert state is not None
     assert state.completed
@@ -288,7 +295,10 @@ def test_a_charged_order_is_refunded_on_every_compensation_trigger(
     ledger = harness.ledger(ALICE)
     assert ledger is not None
     assert (ledger.used, ledger.refunded_total, ledger.holds) == (Decimal(0), Decimal("40.00"), {})
-    assert ledger.settled["o-1"].outcome == "refunded"
+    assert ledger.settled == {}
+    settlement = harness.settlement(ALICE, "o-1")
+    assert settlement is not None
+    assert settlement.outcome == "refunded"
     state = harness.order("o-1")
     assert state is not None
     assert (state.phase, state.closed_reason) == (Phase.REFUNDED, reason)
@@ -327,7 +337,10 @@ def test_a_trigger_while_the_hold_is_in_flight_voids_and_the_granted_hold_is_rel
         Decimal(0),
         {},
     )
-    assert ledger.settled["o-1"].outcome == "released"
+    assert ledger.settled == {}
+    settlement = harness.settlement(ALICE, "o-1")
+    assert settlement is not None
+    assert settlement.outcome == "released"
     assert [e.type for e in harness.events("o-1")] == ["PaymentVoided"]
 
 
@@ -517,37 +530,113 @@ def test_poison_internal_messages_are_dead_lettered() -> None:
 # --- the ledger on its own ----------------------------------------------------------------------
 
 
+class LedgerKeeper:
+    """The ledger and its settlements as the ledger stage keeps them: settlements beside the ledger."""
+
+    def __init__(self, credit_limit: str) -> None:
+        self.ledger = CustomerLedger(customer_id=ALICE, credit_limit=Decimal(credit_limit))
+        self.settled: dict[str, Settlement] = {}
+
+    def apply(self, change: LedgerChange, order_id: str) -> LedgerReply | None:
+        self.ledger = change.ledger
+        if change.settled is not None:
+            self.settled[order_id] = change.settled
+        return change.reply
+
+    def hold(self, order_id: str, amount: str) -> LedgerReply:
+        reply = self.apply(self.ledger.hold(order_id, Decimal(amount), self.settled.get(order_id)), order_id)
+        assert reply is not None
+        return reply
+
+
 def test_ledger_rules() -> None:
-    ledger = CustomerLedger(customer_id=ALICE, credit_limit=Decimal("100.00"))
+    keeper = LedgerKeeper("100.00")
 
-    ledger, reply = ledger.hold("o-1", Decimal("60.00"))
+    reply = keeper.hold("o-1", "60.00")
     assert reply.held
-    same, again = ledger.hold("o-1", Decimal("60.00"))
-    assert (same, again) == (ledger, reply)
-    ledger, refused = ledger.hold("o-2", Decimal("40.01"))
+    held = keeper.ledger
+    assert keeper.hold("o-1", "60.00") == reply
+    assert keeper.ledger == held
+    refused = keeper.hold("o-2", "40.01")
     assert (refused.held, refused.reason) == (False, "credit limit exceeded: available 40.00")
-    assert ledger.hold("o-2", Decimal("1.00"))[1] == refused  # a decline answers the same
-    ledger, exact = ledger.hold("o-3", Decimal("40.00"))
-    assert exact.held
-    assert ledger.available == Decimal(0)
+    assert keeper.settled["o-2"].outcome == "declined"
+    assert keeper.hold("o-2", "1.00") == refused  # a decline answers the same
+    assert keeper.hold("o-3", "40.00").held
+    assert keeper.ledger.available == Decimal(0)
 
-    assert ledger.release("o-unknown") is ledger
-    assert ledger.refund("o-unknown") is ledger
-    ledger = ledger.release("o-3").refund("o-1")
+    unchanged = keeper.ledger
+    assert unchanged.release("o-unknown") == LedgerChange(unchanged)
+    assert unchanged.refund("o-unknown") == LedgerChange(unchanged)
+    keeper.apply(keeper.ledger.release("o-3"), "o-3")
+    keeper.apply(keeper.ledger.refund("o-1"), "o-1")
+    ledger = keeper.ledger
     assert (ledger.used, ledger.charged_total, ledger.refunded_total, ledger.holds) == (
         Decimal(0),
         Decimal("60.00"),
         Decimal("60.00"),
         {},
     )
-    assert ledger.release("o-1") is ledger
+    assert {order_id: found.outcome for order_id, found in keeper.settled.items()} == {
+        "o-1": "refunded",
+        "o-2": "declined",
+        "o-3": "released",
+    }
+    assert ledger.release("o-1") == LedgerChange(ledger)
 
-    ledger, _ = ledger.hold("o-4", Decimal("25.00"))
-    finalized = ledger.finalize("o-4")
+    keeper.hold("o-4", "25.00")
+    keeper.apply(keeper.ledger.finalize("o-4"), "o-4")
+    finalized = keeper.ledger
     assert (finalized.used, finalized.finalized_total, finalized.holds) == (Decimal("25.00"), Decimal("25.00"), {})
-    assert finalized.finalize("o-4") is finalized
-    assert finalized.refund("o-4") is finalized  # a completed charge is never taken back
-    assert finalized.hold("o-4", Decimal("25.00"))[1].held is False
+    assert finalized.finalize("o-4") == LedgerChange(finalized)
+    assert finalized.refund("o-4") == LedgerChange(finalized)  # a completed charge is never taken back
+    again = keeper.hold("o-4", "25.00")
+    assert (again.held, again.reason) == (False, "hold already charged")
+    assert keeper.ledger == finalized
+
+
+def test_a_ledger_stays_the_size_of_its_orders_in_flight_and_settlements_expire_after_the_horizon() -> None:
+    # Given many orders of one customer, each held and completed
+    harness = Harness()
+    for n in range(50):
+        charged(harness, f"o-many-{n}", "1.00")
+        harness.publish(completed(f"o-many-{n}"))
+        harness.pump()
+
+    # Then the ledger carries no settlement (each is a key of its own), and every one expires a horizon later
+    ledger = harness.ledger(ALICE)
+    assert ledger is not None
+    assert (ledger.holds, ledger.settled, ledger.finalized_total) == ({}, {}, Decimal("50.00"))
+    store = harness.store_of(ALICE)
+    assert all(harness.settlement(ALICE, f"o-many-{n}") is not None for n in range(50))
+    # The harness's tasks stand at stream time 0.
+    assert {store.expires_at(settlement_key(ALICE, f"o-many-{n}")) for n in range(50)} == {RETENTION_MS}
+
+
+def test_settlements_a_ledger_kept_inside_it_move_to_keys_of_their_own_and_still_answer() -> None:
+    # Given a ledger written by an older version, with a settled order inside it
+    harness = Harness()
+    store = harness.store_of(ALICE)
+    legacy = CustomerLedger(
+        customer_id=ALICE,
+        credit_limit=Decimal("100.00"),
+        settled={"o-old": Settlement(outcome="refunded", amount=Decimal("10.00"), at_ms=5_000)},
+    )
+    store.put(customer_key(ALICE), legacy)
+    store.commit()
+
+    # When a hold for that order arrives again
+    hold = LedgerRequest(operation=LedgerOperation.HOLD, customer_id=ALICE, order_id="o-old", amount=Decimal("10"))
+    [out] = harness.deliver(LEDGER_REQUESTS, ALICE.encode(), hold.model_dump_json().encode())
+
+    # Then it is answered as settled, and the settlement has moved out of the ledger with its own expiry
+    assert out.value == LedgerReply(
+        order_id="o-old", customer_id=ALICE, held=False, amount=Decimal("10.00"), reason="hold already refunded"
+    )
+    ledger = harness.ledger(ALICE)
+    assert ledger is not None
+    assert (ledger.settled, ledger.used) == ({}, Decimal(0))
+    assert harness.settlement(ALICE, "o-old") == legacy.settled["o-old"]
+    assert store.expires_at(settlement_key(ALICE, "o-old")) == 5_000 + RETENTION_MS
 
 
 # --- settings and wiring ------------------------------------------------------------------------
