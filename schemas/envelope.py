@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AwareDatetime,
@@ -14,7 +15,9 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    TypeAdapter,
     ValidationError,
+    create_model,
     field_serializer,
     model_validator,
 )
@@ -157,6 +160,16 @@ class Envelope(BaseModel):
         if raw is None:
             raise ContractError("value: empty message (null value)")
         try:
+            typed = _typed_envelopes().validate_json(raw)
+        except ValidationError:
+            # Invalid: the reference validation finds the same problem and words it as the contract does.
+            return cls.from_document(raw)
+        return cls.model_construct(typed.model_fields_set, **dict(typed))
+
+    @classmethod
+    def from_document(cls, raw: bytes) -> Envelope:
+        """`from_bytes` the reference way: the JSON document first, then the envelope, then its payload."""
+        try:
             document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ContractError(f"not JSON: {error}") from error
@@ -166,6 +179,26 @@ class Envelope(BaseModel):
             return cls.model_validate(document)
         except ValidationError as error:
             raise ContractError(describe_validation_error(error)) from error
+
+
+@functools.cache
+def _typed_envelopes() -> TypeAdapter[BaseModel]:
+    """Every event type's envelope as a model of its own, chosen by `type`: a valid message is parsed and
+    validated in one pass of pydantic-core, with no Python in between (about a third of `Envelope`'s time)."""
+    models = []
+    for name, event_type in EVENT_TYPES.items():
+        fields: dict[str, Any] = {}
+        for field_name, info in Envelope.model_fields.items():
+            annotation: Any = info.annotation
+            if field_name == "type":
+                annotation = Literal[name]
+            elif field_name == "data":
+                annotation = event_type
+            elif field_name == "schema_version":
+                annotation = Annotated[int, Field(le=event_type.schema_version)]
+            fields[field_name] = (annotation, info)
+        models.append(create_model(f"{name}Envelope", __config__=Envelope.model_config, **fields))
+    return TypeAdapter(Annotated[Union[tuple(models)], Field(discriminator="type")])  # noqa: UP007
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 import uuid
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import AwareDatetime, BaseModel
 
 from schemas.envelope import ContractError, Envelope, Source
 from schemas.events import EVENT_TYPES, OrderLine, OrderPlaced, PaymentVoided
@@ -117,3 +122,98 @@ def test_registry_names_are_unique_and_monitor_state_is_compacted() -> None:
     assert len(names) == len(set(names))
     assert MONITOR_STATE.compacted
     assert all(not topic.compacted for topic in SAGA_TOPICS)
+
+
+# --- the one-pass decoding agrees with the reference validation -------------------------------------
+
+_SAMPLE_STRINGS = {"currency": "EUR", "country": "DE", "ship_to": "DE", "service": "inventory", "topic": "orders"}
+
+
+_SCALARS: dict[Any, Any] = {
+    bool: True,
+    int: 3,
+    float: 1.5,
+    Decimal: "12.50",
+    datetime: "2026-03-01T10:00:00.250+02:00",
+    AwareDatetime: "2026-03-01T10:00:00.250+02:00",
+}
+
+
+def _sample(annotation: Any, name: str) -> Any:
+    """A valid JSON value for a field of the contract, by its type (and, for strings, its name)."""
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        value = _sample(arguments[0], name)
+    elif origin in (typing.Union, types.UnionType):
+        value = _sample(next(arg for arg in arguments if arg is not type(None)), name)
+    elif origin is list:
+        value = [_sample(arguments[0], name)]
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        value = {field: _sample(info.annotation, field) for field, info in annotation.model_fields.items()}
+    else:
+        value = _SCALARS.get(annotation, _SAMPLE_STRINGS.get(name, "WIDGET-1"))
+    return value
+
+
+def _samples() -> list[bytes]:
+    """One envelope of every event type, then variations the reference validation treats one way or another."""
+    envelopes: list[dict[str, Any]] = []
+    for name, event_type in EVENT_TYPES.items():
+        data = _sample(event_type, "data")
+        event_type.model_validate(data)  # the sample itself is valid
+        envelope = {**_example("OrderPlaced"), "type": name, "data": data, "causation_id": str(uuid.uuid4())}
+        envelopes.append(envelope)
+    variations: list[dict[str, Any]] = [
+        {"causation_id": None},
+        {"occurred_at": "2026-03-01T10:00:00Z"},
+        {"occurred_at": "2026-03-01T10:00:00"},  # no offset
+        {"schema_version": 2},
+        {"schema_version": 0},
+        {"schema_version": "1"},
+        {"type": "OrderShipped"},
+        {"type": None},
+        {"data": None},
+        {"data": []},
+        {"extra": 1},
+        {"source": "somewhere"},
+        {"event_id": "not-a-uuid"},
+        {"order_id": "bad id"},
+    ]
+    base = envelopes[0]
+    document_variations = [{**base, **change} for change in variations]
+    document_variations += [
+        {**base, "data": {**base["data"], "extra": 1}},
+        {k: v for k, v in base.items() if k != "data"},
+    ]
+    return [json.dumps(document).encode() for document in envelopes + document_variations] + [b"{", b"[]", b"\xff"]
+
+
+@pytest.mark.parametrize("raw", _samples())
+def test_one_pass_decoding_agrees_with_the_reference_validation(raw: bytes) -> None:
+    try:
+        expected: Envelope | str = Envelope.from_document(raw)
+    except ContractError as error:
+        expected = error.reason
+    try:
+        found: Envelope | str = Envelope.from_bytes(raw)
+    except ContractError as error:
+        found = error.reason
+    assert found == expected
+    if isinstance(found, Envelope):
+        assert isinstance(expected, Envelope)
+        assert type(found.data) is type(expected.data)
+        assert found.to_bytes() == expected.to_bytes()
+        assert found.model_fields_set == expected.model_fields_set
+
+
+def test_every_event_type_has_a_valid_sample() -> None:
+    valid = [raw for raw in _samples() if not isinstance(_decoded_or_reason(raw), str)]
+    assert {Envelope.from_bytes(raw).type for raw in valid} == set(EVENT_TYPES)
+
+
+def _decoded_or_reason(raw: bytes) -> Envelope | str:
+    try:
+        return Envelope.from_bytes(raw)
+    except ContractError as error:
+        return error.reason

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -14,11 +16,27 @@ from aiokafka.partitioner import murmur2
 
 from services.common.settings import ChoreoSettings
 
+HASHED_KEYS_KEPT = 65536
+
+
+@functools.lru_cache(maxsize=HASHED_KEYS_KEPT)
+def key_hash(key: bytes) -> int:
+    """Kafka's murmur2 of `key`, as the default partitioner uses it. Remembered: aiokafka's is pure Python,
+    and an order's key comes back at every hop of its saga."""
+    hashed: int = murmur2(key)
+    return hashed & 0x7FFFFFFF
+
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for `key`."""
-    hashed: int = murmur2(key)
-    return (hashed & 0x7FFFFFFF) % partitions
+    return key_hash(key) % partitions
+
+
+def default_partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
+    """aiokafka's `DefaultPartitioner` over the remembered hashes."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[key_hash(key) % len(all_partitions)]
 
 
 def confluent_options(settings: ChoreoSettings) -> dict[str, Any]:
@@ -48,7 +66,14 @@ def admin_client(settings: ChoreoSettings, **overrides: Any) -> AIOKafkaAdminCli
 def producer(settings: ChoreoSettings, **overrides: Any) -> AIOKafkaProducer:
     # acks=all with idempotence: a retried send never duplicates, an acknowledged one is never lost.
     return AIOKafkaProducer(
-        **{**settings.kafka_options(), "acks": "all", "enable_idempotence": True, "linger_ms": 5, **overrides}
+        **{
+            **settings.kafka_options(),
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 5,
+            "partitioner": default_partitioner,
+            **overrides,
+        }
     )
 
 

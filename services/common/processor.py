@@ -78,7 +78,6 @@ EXPIRY_SWEEP_LIMIT = 1000
 # Kafka's default delete.retention.ms, used when the changelog's own setting cannot be read.
 DEFAULT_DELETE_RETENTION_MS = 86_400_000
 
-FETCH_MAX_WAIT_MS = 100
 # Fencing earlier owners normally takes well under a second; far longer means a broker call
 # hangs, and a member that never finishes its assignment holds its partitions hostage.
 FENCE_TIMEOUT_S = 60.0
@@ -314,7 +313,8 @@ class TransactionalRunner:
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_records=self.max_batch,
             # A saga is a chain of hops; a short fetch wait keeps each hop's latency low.
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=int(self.settings.fetch_max_wait.total_seconds() * 1000),
+            fetch_min_bytes=self.settings.fetch_min_bytes,
         )
         self._consumer = consumer
         consumer.subscribe(list(self._topics_by_name), listener=_Rebalance(self))

@@ -80,6 +80,16 @@ class ChoreoSettings(BaseSettings):
         "interval commits at once; under load, the records of one interval share one transaction, which is what "
         "the broker's CPU follows. 0 commits after every poll.",
     )
+    fetch_max_wait: Duration = Field(
+        default=timedelta(milliseconds=100),
+        description="Longest time the broker holds a service's fetch for `CHOREO_FETCH_MIN_BYTES` to arrive.",
+    )
+    fetch_min_bytes: int = Field(
+        default=1,
+        ge=1,
+        description="Bytes a service's fetch waits for (at most `CHOREO_FETCH_MAX_WAIT`) before the broker answers; "
+        "more means fewer, fuller fetches and up to that wait more latency per hop.",
+    )
 
     transaction_client: Literal["aiokafka", "confluent"] = Field(
         default="aiokafka",

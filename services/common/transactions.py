@@ -127,7 +127,7 @@ class AiokafkaTransactions:
                 # records are written: a produce the broker verifies while the coordinator adds the
                 # offsets (AddOffsetsToTxn) is answered NOT_ENOUGH_REPLICAS, retried after a backoff
                 # and logged as a warning; one after the other is also the faster of the two.
-                sent = await asyncio.gather(*deliveries)
+                sent = [await delivery for delivery in deliveries]  # gather would wrap each in a task
                 if offsets:
                     await producer.send_offsets_to_transaction(dict(offsets), group_id)
         except ProducerFenced as error:

@@ -102,14 +102,23 @@ class SkuStock(BaseModel):
 
     @model_validator(mode="after")
     def _conserved(self) -> Self:
+        problem = self._unconserved()
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def _unconserved(self) -> str | None:
+        if min(self.available, self.reserved, self.shipped) < 0:
+            counts = f"available {self.available}, reserved {self.reserved}, shipped {self.shipped}"
+            return f"{self.sku}: a negative count ({counts})"
         if self.available + self.reserved + self.shipped != self.initial:
-            raise ValueError(
+            return (
                 f"{self.sku}: available {self.available} + reserved {self.reserved} + shipped {self.shipped} "
                 f"!= initial {self.initial}"
             )
         if self.reserved != sum(self.holds.values()):
-            raise ValueError(f"{self.sku}: reserved {self.reserved} differs from the holds {self.holds}")
-        return self
+            return f"{self.sku}: reserved {self.reserved} differs from the holds {self.holds}"
+        return None
 
     @classmethod
     def fresh(cls, sku: str, initial: int) -> SkuStock:
@@ -153,8 +162,13 @@ class SkuStock(BaseModel):
         )
 
     def _with(self, **changes: Any) -> SkuStock:
-        # model_copy would skip the validator, which is the point of this model.
-        return SkuStock.model_validate({**self.model_dump(), **changes})
+        # model_copy skips the validators, which are the point of this model: the same checks run here,
+        # without dumping and validating the whole document again.
+        changed = self.model_copy(update=changes)
+        problem = changed._unconserved()
+        if problem is not None:
+            raise ValueError(problem)
+        return changed
 
 
 # --- internal messages ------------------------------------------------------------------------------

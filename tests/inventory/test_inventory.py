@@ -448,6 +448,15 @@ def test_sku_stock_refuses_any_state_that_breaks_conservation() -> None:
         SkuStock.model_validate({**stock_.model_dump(), "available": 3, "reserved": 2})
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         SkuStock.model_validate({**stock_.model_dump(), "available": 6, "shipped": -1})
+    # A change goes through the same checks without a whole validation of the document.
+    held, granted = stock_.hold("o-1", 2)
+    assert granted
+    with pytest.raises(ValueError, match="holds"):
+        held._with(reserved=3, available=2)
+    with pytest.raises(ValueError, match="negative"):
+        held._with(available=-1, reserved=4, holds={"o-1": 4})
+    with pytest.raises(ValueError, match="initial"):
+        held._with(available=4)
 
 
 def test_a_hold_the_order_does_not_account_for_is_given_back() -> None:
