@@ -164,7 +164,8 @@ class Envelope(BaseModel):
         except ValidationError:
             # Invalid: the reference validation finds the same problem and words it as the contract does.
             return cls.from_document(raw)
-        return cls.model_construct(typed.model_fields_set, **dict(typed))
+        # Every field is required, so the fields set are all of them; `__dict__` is much cheaper than dict(model).
+        return cls.model_construct(None, **typed.__dict__)
 
     @classmethod
     def from_document(cls, raw: bytes) -> Envelope:
@@ -184,7 +185,7 @@ class Envelope(BaseModel):
 @functools.cache
 def _typed_envelopes() -> TypeAdapter[BaseModel]:
     """Every event type's envelope as a model of its own, chosen by `type`: a valid message is parsed and
-    validated in one pass of pydantic-core, with no Python in between (about a third of `Envelope`'s time)."""
+    validated in one pass of pydantic-core, with no Python in between: a quarter less time than the reference."""
     models = []
     for name, event_type in EVENT_TYPES.items():
         fields: dict[str, Any] = {}

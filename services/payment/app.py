@@ -135,11 +135,13 @@ class PaymentApp:
             state = task.store.get(order_key(envelope.order_id), PaymentOrder)
             if state is None:
                 return
-            before, after = _retries(task), _retries(task).tracking(state)
+            before = _retries(task)
+            after = before.tracking(state)
             if state.order_id in after.orders and state.order_id not in before.orders:
                 _log_failed_attempt(state)
                 _keep_trace(task, message, state)
-            _save_retries(task, after)
+            if after != before:
+                task.store.put(REFUND_RETRIES_KEY, after)
 
     def tick(self, task: TaskContext, now: datetime) -> None:
         """Retry the refunds whose next attempt is due."""
@@ -267,8 +269,11 @@ def _keep_trace(task: TaskContext, message: Incoming, state: PaymentOrder) -> No
         save_order(task, state.model_copy(update={"traceparent": found}))
 
 
+NO_RETRIES = RefundRetryIndex()
+
+
 def _retries(task: TaskContext) -> RefundRetryIndex:
-    return task.store.get(REFUND_RETRIES_KEY, RefundRetryIndex) or RefundRetryIndex()
+    return task.store.get(REFUND_RETRIES_KEY, RefundRetryIndex) or NO_RETRIES
 
 
 def _save_retries(task: TaskContext, index: RefundRetryIndex) -> None:
