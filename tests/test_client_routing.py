@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.envelope import Envelope, Source
 from schemas.events import Address, ApprovalDecisionSubmitted, OrderLine, OrderPlaced
@@ -15,6 +16,7 @@ from schemas.topics import APPROVAL_DECISIONS, ORDERS, Topic
 from services.approval.app import build_app as build_approval
 from services.approval.settings import ApprovalSettings
 from services.audit.app import build_app as build_audit
+from services.common.kafka import default_partitioner, partition_for
 from services.common.processor import FORWARDED_FROM_HEADER
 from services.common.settings import ChoreoSettings
 from services.inventory.app import build_app as build_inventory
@@ -103,3 +105,13 @@ def test_an_invalid_command_is_dead_lettered_by_its_router_only() -> None:
     assert letter.dead_letter.consumer == "inventory"
     assert "event_id" in letter.dead_letter.reason
     assert shipping.feed_raw(ORDERS, ORDER_ID.encode(), bad, partition) == []
+
+
+def test_the_remembered_partitioner_picks_what_kafkas_default_partitioner_picks() -> None:
+    partitions = list(range(6))
+    keys = [f"o-{n}".encode() for n in range(500)] + [b"", b"\xff\x00", "ünïcode".encode()]
+    for key in keys * 2:  # the second round reads the remembered hashes
+        expected = DefaultPartitioner()(key, partitions, partitions)
+        assert default_partitioner(key, partitions, partitions) == expected
+        assert partition_for(key, len(partitions)) == expected
+    assert default_partitioner(None, partitions, [4]) == 4  # no key: an available partition
