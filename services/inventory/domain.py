@@ -102,6 +102,9 @@ class SkuStock(BaseModel):
 
     @model_validator(mode="after")
     def _conserved(self) -> Self:
+        return self._checked()
+
+    def _checked(self) -> Self:
         problem = self._unconserved()
         if problem is not None:
             raise ValueError(problem)
@@ -164,11 +167,7 @@ class SkuStock(BaseModel):
     def _with(self, **changes: Any) -> SkuStock:
         # model_copy skips the validators, which are the point of this model: the same checks run here,
         # without dumping and validating the whole document again.
-        changed = self.model_copy(update=changes)
-        problem = changed._unconserved()
-        if problem is not None:
-            raise ValueError(problem)
-        return changed
+        return self.model_copy(update=changes)._checked()
 
 
 # --- internal messages ------------------------------------------------------------------------------

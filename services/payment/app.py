@@ -140,12 +140,11 @@ class PaymentApp:
             if state.order_id in after.orders and state.order_id not in before.orders:
                 _log_failed_attempt(state)
                 _keep_trace(task, message, state)
-            if after != before:
-                task.store.put(REFUND_RETRIES_KEY, after)
+            _save_retries(task, after, before)
 
     def tick(self, task: TaskContext, now: datetime) -> None:
         """Retry the refunds whose next attempt is due."""
-        index = _retries(task)
+        stored = index = _retries(task)
         due = index.due(now)
         for order_id in due:
             state = task.store.get(order_key(order_id), PaymentOrder)
@@ -155,8 +154,7 @@ class PaymentApp:
             with task.tracing.timer(task, order_id, state.traceparent):
                 state = self._retry(task, state, now)
             index = index.tracking(state)
-        if due:
-            _save_retries(task, index)
+        _save_retries(task, index, stored)
 
     def _attempt(self, now: datetime) -> RefundAttempt:
         return RefundAttempt(provider=self.refunds, backoff=self.backoff, now=now)
@@ -276,8 +274,9 @@ def _retries(task: TaskContext) -> RefundRetryIndex:
     return task.store.get(REFUND_RETRIES_KEY, RefundRetryIndex) or NO_RETRIES
 
 
-def _save_retries(task: TaskContext, index: RefundRetryIndex) -> None:
-    if index != _retries(task):
+def _save_retries(task: TaskContext, index: RefundRetryIndex, stored: RefundRetryIndex) -> None:
+    """Store `index` if it differs from `stored`, the index as the task read it."""
+    if index != stored:
         task.store.put(REFUND_RETRIES_KEY, index)
 
 
