@@ -14,7 +14,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import OrderDetails
 from schemas.primitives import Money
@@ -163,7 +163,7 @@ class DeadlineIndex(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    timers: dict[str, AwareDatetime] = {}
+    timers: dict[str, AwareDatetime] = Field(default_factory=dict)
 
     def track(self, state: ApprovalState) -> DeadlineIndex:
         due = next_timer(state)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.envelope import EVENT_ID_NAMESPACE, Envelope, Source
 from schemas.events import TERMINAL_EVENTS, OrderCommandRejected
@@ -70,10 +70,10 @@ class AuditOrderState(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     order_id: str
-    written: list[str] = []
-    held: dict[str, HeldEvent] = {}
+    written: list[str] = Field(default_factory=list)
+    held: dict[str, HeldEvent] = Field(default_factory=dict)
     closed: bool = False
-    last_by_topic: dict[str, str] = {}
+    last_by_topic: dict[str, str] = Field(default_factory=dict)
     placed_at: AwareDatetime | None = None
     """When the order's OrderPlaced occurred, once written and until the order closes: where its saga's
     duration starts."""
@@ -93,7 +93,7 @@ class HeldIndex(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    orders: dict[str, AwareDatetime] = {}
+    orders: dict[str, AwareDatetime] = Field(default_factory=dict)
 
     def updated(self, state: AuditOrderState) -> HeldIndex:
         oldest = state.oldest_hold()

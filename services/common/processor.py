@@ -158,10 +158,12 @@ class TaskContext:
         """What became of the record being processed when it was not simply handled (`services.common.metrics`)."""
         self.tally.mark(outcome)
 
-    def emit(self, envelope: Envelope) -> None:
-        """Publish a contract event on the saga topic the registry assigns to its type."""
+    def emit(self, envelope: Envelope, encoded: str | None = None) -> None:
+        """Publish a contract event on the saga topic the registry assigns to its type; `encoded`, when
+        given, is the envelope's JSON already (what a handler recorded it as), so it is not serialized again."""
         topic = self.settings.topic(topic_of(type(envelope.data)))
-        self.outbox.append(Outgoing(topic, envelope.key, envelope.to_bytes(), headers=envelope.headers()))
+        value = encoded.encode() if encoded is not None else envelope.to_bytes()
+        self.outbox.append(Outgoing(topic, envelope.key, value, headers=envelope.headers()))
 
     def send(self, topic: Topic, key: str, value: bytes) -> None:
         """Publish an internal message (not an envelope) keyed by `key`."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.envelope import CE_TYPE, ContractError, Envelope, Source, describe_validation_error
 from schemas.events import EVENT_TYPES, Event
@@ -33,7 +33,7 @@ class OrderState(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     order_id: str
-    handled: dict[str, list[str]] = {}
+    handled: dict[str, list[str]] = Field(default_factory=dict)
 
     def finished(self) -> bool:
         """Nothing this service does for the order is left: only late input can still arrive."""
@@ -272,13 +272,14 @@ def apply_once(
     recorded = state.handled.get(str(envelope.event_id))
     if recorded is not None:
         for raw in recorded:
-            task.emit(Envelope.model_validate_json(raw))
+            task.emit(Envelope.model_validate_json(raw), raw)
         return
     reaction = handler(state, envelope)
     emitted = [envelope.caused(event, source) for event in reaction.events]
-    handled = {**reaction.state.handled, str(envelope.event_id): [e.model_dump_json() for e in emitted]}
+    encoded = [e.model_dump_json() for e in emitted]
+    handled = {**reaction.state.handled, str(envelope.event_id): encoded}
     save_order(task, reaction.state.model_copy(update={"handled": handled}))
-    _publish(task, emitted, reaction.requests)
+    _publish(task, emitted, encoded, reaction.requests)
 
 
 def unknown(task: TaskContext, message: Incoming, envelope: Envelope, starts: frozenset[type[Event]] | None) -> bool:
@@ -307,19 +308,22 @@ def apply_settled(
     """
     state = reaction.state
     emitted: list[Envelope] = []
+    encoded: list[str] = []
     if cause_id is not None and reaction.events:
         cause = uuid.UUID(cause_id)
         emitted = [Envelope.new(e, order_id=state.order_id, source=source, cause=cause) for e in reaction.events]
-        recorded = [*state.handled.get(cause_id, []), *(e.model_dump_json() for e in emitted)]
+        encoded = [e.model_dump_json() for e in emitted]
+        recorded = [*state.handled.get(cause_id, []), *encoded]
         state = state.model_copy(update={"handled": {**state.handled, cause_id: recorded}})
     if state != before:
         save_order(task, state)
-    _publish(task, emitted, reaction.requests)
+    _publish(task, emitted, encoded, reaction.requests)
     return emitted
 
 
-def _publish(task: TaskContext, emitted: list[Envelope], requests: tuple[Request, ...]) -> None:
-    for envelope in emitted:
-        task.emit(envelope)
+def _publish(task: TaskContext, emitted: list[Envelope], encoded: list[str], requests: tuple[Request, ...]) -> None:
+    """Emit each envelope as the JSON it was recorded as, then send the requests."""
+    for envelope, raw in zip(emitted, encoded, strict=True):
+        task.emit(envelope, raw)
     for request in requests:
         task.send(request.topic, request.key, request.body.model_dump_json().encode())

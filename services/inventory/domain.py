@@ -98,7 +98,7 @@ class SkuStock(BaseModel):
     available: int = Field(ge=0)
     reserved: int = Field(default=0, ge=0)
     shipped: int = Field(default=0, ge=0)
-    holds: dict[str, int] = {}
+    holds: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _conserved(self) -> Self:

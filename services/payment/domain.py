@@ -156,8 +156,8 @@ class CustomerLedger(BaseModel):
     charged_total: Decimal = Decimal(0)
     refunded_total: Decimal = Decimal(0)
     finalized_total: Decimal = Decimal(0)
-    holds: dict[str, Decimal] = {}
-    settled: dict[str, Settlement] = {}
+    holds: dict[str, Decimal] = Field(default_factory=dict)
+    settled: dict[str, Settlement] = Field(default_factory=dict)
     """Settlements of a ledger written before they had keys of their own: moved out when it is next read."""
 
     @property
@@ -287,7 +287,7 @@ class RefundRetryIndex(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    orders: dict[str, AwareDatetime] = {}
+    orders: dict[str, AwareDatetime] = Field(default_factory=dict)
 
     def due(self, now: datetime) -> list[str]:
         return sorted(order_id for order_id, at in self.orders.items() if at <= now)
