@@ -39,8 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from opentelemetry.trace import TracerProvider
 
 from schemas.deadletter import DeadLetter
@@ -51,7 +50,8 @@ from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
 from services.common.kafka import partition_for, topic_config
-from services.common.metrics import MeteredApp, RunnerMetrics, Tally, fetched_lag
+from services.common.metrics import MeteredApp, RunnerMetrics, Tally
+from services.common.runner_consumer import RunnerConsumer, runner_consumer
 from services.common.settings import ChoreoSettings
 from services.common.stack import run_dir
 from services.common.state import ChangelogRecord, Checkpoint, KeyedStore
@@ -263,7 +263,7 @@ class TransactionalRunner:
         self._topics_by_name = {settings.topic(topic): topic for topic in app.inputs}
         self._in_process = {settings.topic(topic): topic for topic in app.in_process}
         self._handover = _Handover()
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer: RunnerConsumer | None = None
         self._producer: Transactions | None = None
         self._transactional_id = ""
         # Unique per process start: a restarted or second instance never shares ids with this one.
@@ -276,6 +276,7 @@ class TransactionalRunner:
         self._tagged = False
         """Whether a commit of this assignment has tagged every owned position yet."""
         self._commit_interval = settings.commit_interval.total_seconds()
+        self._paced_reads = settings.paced_reads
         # Handled but not yet committed: what the next transaction carries.
         self._pending: dict[int, TaskContext] = {}
         self._pending_offsets: dict[TopicPartition, int] = {}
@@ -309,30 +310,27 @@ class TransactionalRunner:
         return self._store_factory.rocks_memory
 
     async def run(self) -> None:
-        consumer = make_consumer(
-            self.settings,
-            group_id=self.group_id,
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            max_poll_records=self.max_batch,
-            # A saga is a chain of hops; a short fetch wait keeps each hop's latency low.
-            fetch_max_wait_ms=int(self.settings.fetch_max_wait.total_seconds() * 1000),
-            fetch_min_bytes=self.settings.fetch_min_bytes,
-        )
+        consumer = runner_consumer(self.settings, self.group_id, self.max_batch)
         self._consumer = consumer
-        consumer.subscribe(list(self._topics_by_name), listener=_Rebalance(self))
-        await consumer.start()
+        await consumer.start(list(self._topics_by_name), _Rebalance(self))
         log.info("service started", extra={"service": self.app.name, "group": self.group_id})
         try:
             while not self._stopping.is_set():
                 if self._producer is None:
-                    # Between a revocation and the next assignment: let the group protocol run
-                    # (getmany with a zero timeout would not yield to it).
-                    await asyncio.sleep(ASSIGNMENT_POLL_S)
+                    # Between a revocation and the next assignment: let the group protocol run.
+                    batch = await consumer.between_assignments(ASSIGNMENT_POLL_S)
+                    if batch:
+                        async with self._work_lock:
+                            await self._process(batch)
                     continue
                 # Wait no longer than the next tick (or commit) is due, so timers fire on time under any load.
                 wait = self._last_tick + self.tick_interval - time.monotonic()
                 if self._pending:
                     wait = min(wait, self._last_commit + self._commit_interval - time.monotonic())
+                    if self._paced_reads and wait > 0:
+                        # What arrives meanwhile would wait for the same commit: read it all when it is due.
+                        await asyncio.sleep(wait)
+                        wait = 0.0
                 batch = await consumer.getmany(timeout_ms=int(max(0.0, wait) * 1000))
                 async with self._work_lock:
                     await self._process(batch)
@@ -376,7 +374,7 @@ class TransactionalRunner:
             return []
         return [
             (self._topics_by_name[tp.topic].name, tp.partition, behind)
-            for tp, behind in fetched_lag(consumer)
+            for tp, behind in consumer.fetched_lag()
             if tp.topic in self._topics_by_name and tp.partition in self._stores
         ]
 

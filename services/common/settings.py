@@ -80,6 +80,11 @@ class ChoreoSettings(BaseSettings):
         "interval commits at once; under load, the records of one interval share one transaction, which is what "
         "the broker's CPU follows. 0 commits after every poll.",
     )
+    paced_reads: bool = Field(
+        default=False,
+        description="While handled records wait for their commit, read again only when it is due: one read of "
+        "everything that arrived per commit interval, instead of one per arrival.",
+    )
     fetch_max_wait: Duration = Field(
         default=timedelta(milliseconds=100),
         description="Longest time the broker holds a service's fetch for `CHOREO_FETCH_MIN_BYTES` to arrive.",
@@ -95,6 +100,11 @@ class ChoreoSettings(BaseSettings):
         default="aiokafka",
         description="Client library of the services' transactional producers: `aiokafka` (Python) or "
         "`confluent` (librdkafka, the protocol in C).",
+    )
+    consumer_client: Literal["aiokafka", "confluent"] = Field(
+        default="aiokafka",
+        description="Client library of the services' input consumers: `aiokafka` (Python) or `confluent` "
+        "(librdkafka: fetching and parsing in C, on its own threads).",
     )
 
     order_retention: Duration = Field(
