@@ -25,12 +25,14 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.starts = starts
         self.assigned: list[TopicPartition] = []
         self.revoked: list[TopicPartition] = []
+        self.ends: dict[TopicPartition, int] = {}
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await asyncio.sleep(0)  # a coroutine that yields, as the runner's does
         for tp in assigned:
             if tp in self.starts:
                 self.consumer[0].seek(tp, self.starts[tp])
+        self.ends = await self.consumer[0].end_offsets(assigned)
         self.assigned = list(assigned)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:

@@ -146,6 +146,8 @@ class ConfluentRunnerConsumer:
         self._assigning: dict[TopicPartition, int] | None = None
         """While the listener takes an assignment: the offsets it seeks, applied when it is done."""
         self._starts: dict[TopicPartition, int] = {}
+        self._ends_reader: Consumer | None = None
+        """Never joins the group: it only asks for partitions' end offsets."""
         self._generation = 0
         """Assignments and revocations so far: what tells records of one assignment from the next."""
 
@@ -163,6 +165,9 @@ class ConfluentRunnerConsumer:
             # Closing leaves the group, and librdkafka serves the revocation from inside it.
             await asyncio.get_running_loop().run_in_executor(self._worker, consumer.close)
         self._worker.shutdown(wait=False)
+        reader, self._ends_reader = self._ends_reader, None
+        if reader is not None:
+            await asyncio.to_thread(reader.close)
 
     def _client(self) -> Consumer:
         if self._consumer is None:
@@ -267,7 +272,10 @@ class ConfluentRunnerConsumer:
         return set(self._assigned)
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        consumer = self._client()
+        # Not the group's consumer: asked while it serves an assignment, librdkafka never answers.
+        if self._ends_reader is None:
+            self._ends_reader = Consumer({**self._options, "group.id": f"{self._options['group.id']}-ends"})
+        consumer = self._ends_reader
 
         def ends() -> dict[TopicPartition, int]:
             return {
