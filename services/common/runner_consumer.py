@@ -32,6 +32,7 @@ LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 # aiokafka's defaults, so that a member that died is replaced as soon on either client.
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 3_000
+PREFETCH_KIB = 8192
 # How long a call that asks the broker (watermarks) may wait.
 CALL_TIMEOUT_S = 15.0
 
@@ -135,6 +136,8 @@ class ConfluentRunnerConsumer:
             "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
             "fetch.wait.max.ms": int(settings.fetch_max_wait.total_seconds() * 1000),
             "fetch.min.bytes": settings.fetch_min_bytes,
+            # What librdkafka fetches ahead of the runner, bounded well below its default of 64 MiB.
+            "queued.max.messages.kbytes": PREFETCH_KIB,
             "logger": LIBRDKAFKA_LOG,
         }
         self._max_batch = max_batch
