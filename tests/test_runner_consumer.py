@@ -8,7 +8,7 @@ import pytest
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from schemas.topics import AUDIT
-from services.common.runner_consumer import RunnerConsumer, runner_consumer
+from services.common.runner_consumer import ConfluentRunnerConsumer, RunnerConsumer, runner_consumer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
 from services.common.transactions import Outgoing, transactions
@@ -97,3 +97,41 @@ async def _until_assigned(consumer: RunnerConsumer, listener: _Listener, tp: Top
             batch = await consumer.between_assignments(0.05)
             offsets += [row.offset for row in batch.get(tp, [])]
     return offsets
+
+
+class _ScriptedPolls:
+    """Stands in for librdkafka's consumer: each poll returns the next message, and an entry of None with a
+    callback runs that callback inside the poll first (as librdkafka serves an assignment)."""
+
+    def __init__(self, script: list[tuple[str | None, bool]], consumer: ConfluentRunnerConsumer) -> None:
+        self.script = list(script)
+        self.consumer = consumer
+
+    def poll(self, _timeout: float) -> str | None:
+        if not self.script:
+            return None
+        message, rebalanced = self.script.pop(0)
+        if rebalanced:
+            self.consumer._generation += 1
+        return message
+
+
+@pytest.mark.parametrize(
+    ("script", "kept"),
+    [
+        ([("a", False), ("b", False)], ["a", "b"]),
+        # an assignment served inside the third poll: the first two were the assignment before it
+        ([("a", False), ("b", False), ("c", True), ("d", False)], ["c", "d"]),
+        # served inside the poll that found nothing more: everything read belonged to the old assignment
+        ([("a", False), (None, True)], []),
+        ([(None, True)], []),
+    ],
+)
+def test_records_read_before_an_assignment_changed_are_dropped_and_those_after_are_kept(
+    script: list[tuple[str | None, bool]], kept: list[str]
+) -> None:
+    # Given librdkafka's polls, one of which may serve an assignment (no broker: the rule alone)
+    consumer = ConfluentRunnerConsumer(ChoreoSettings(environment="test"), "group", max_batch=10)
+    consumer._consumer = _ScriptedPolls(script, consumer)  # type: ignore[assignment]
+    # When a batch is read, then only what the current assignment read is kept
+    assert consumer._consume(0.0) == kept
