@@ -33,6 +33,8 @@ LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 3_000
 PREFETCH_KIB = 8192
+# How soon a partition whose fetched records are still unread is looked at again (librdkafka's default: 1 s).
+FETCH_QUEUE_BACKOFF_MS = 5
 # How long a call that asks the broker (watermarks) may wait.
 CALL_TIMEOUT_S = 15.0
 
@@ -138,6 +140,11 @@ class ConfluentRunnerConsumer:
             "fetch.min.bytes": settings.fetch_min_bytes,
             # What librdkafka fetches ahead of the runner, bounded well below its default of 64 MiB.
             "queued.max.messages.kbytes": PREFETCH_KIB,
+            # A partition is fetched again once what was fetched is read, as aiokafka does: prefetching on
+            # (librdkafka's default keeps up to 100,000 records a partition) sends the broker a fetch for
+            # every few records under load; at 400 sagas/s it cost the broker 0.2-0.4 ms more a saga.
+            "queued.min.messages": 1,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
             "logger": LIBRDKAFKA_LOG,
         }
         self._max_batch = max_batch
