@@ -62,9 +62,7 @@ class KeyedStore:
 
     def __init__(self, backend: Backend | None = None, *, cache_entries: int = DECODED_CACHE_ENTRIES) -> None:
         self.backend: Backend = backend if backend is not None else MemoryBackend()
-        # A value put in the open transaction stays a model until its bytes are needed: a key put
-        # several times before a commit is serialized once.
-        self._dirty: dict[str, tuple[BaseModel | bytes | None, int | None]] = {}
+        self._dirty: dict[str, tuple[bytes | None, int | None]] = {}
         # Decoded documents (and their expiry) of recently used keys, committed or not: bounded, so
         # memory does not follow the number of keys.
         self._decoded: OrderedDict[str, tuple[BaseModel, int | None]] = OrderedDict()
@@ -124,7 +122,9 @@ class KeyedStore:
 
     def put(self, key: str, value: BaseModel, *, expires_at: int | Keep | None = KEEP) -> None:
         expiry = self.expires_at(key) if expires_at is KEEP else expires_at
-        self._dirty[key] = (value, expiry)
+        # Serialized here, not at the commit: a value that cannot be is a handler's error, and fails the
+        # record being handled (dead-lettered) rather than every commit of the instance.
+        self._dirty[key] = (value.model_dump_json().encode(), expiry)
         self._cache(key, value, expiry)
 
     def delete(self, key: str) -> None:
@@ -133,10 +133,10 @@ class KeyedStore:
 
     def pending_records(self) -> list[ChangelogRecord]:
         """What the open transaction changed, as changelog records."""
-        return [ChangelogRecord(key, self._encoded(key), expiry) for key, (_, expiry) in self._dirty.items()]
+        return [ChangelogRecord(key, value, expiry) for key, (value, expiry) in self._dirty.items()]
 
     def pending_changes(self) -> dict[str, bytes | None]:
-        return {key: self._encoded(key) for key in self._dirty}
+        return {key: value for key, (value, _) in self._dirty.items()}
 
     def commit(self, checkpoint: Checkpoint | None = None) -> None:
         """The open transaction committed: write its changes (and the checkpoint) in one batch."""
@@ -169,18 +169,9 @@ class KeyedStore:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _encoded(self, key: str) -> bytes | None:
-        """The bytes of `key`'s value in the open transaction (None: deleted), serialized at most once."""
-        value, expiry = self._dirty[key]
-        if isinstance(value, BaseModel):
-            encoded = value.model_dump_json().encode()
-            self._dirty[key] = (encoded, expiry)
-            return encoded
-        return value
-
     def _lookup(self, key: str) -> tuple[bytes | None, int | None]:
         if key in self._dirty:
-            return self._encoded(key), self._dirty[key][1]
+            return self._dirty[key]
         stored = self.backend.get(_VALUE + key.encode())
         if stored is None:
             return None, None
