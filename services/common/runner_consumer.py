@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
@@ -288,10 +289,7 @@ class ConfluentRunnerConsumer:
         consumer = self._ends_reader
 
         def ends() -> dict[TopicPartition, int]:
-            return {
-                tp: int(consumer.get_watermark_offsets(ConfluentPartition(tp.topic, tp.partition), CALL_TIMEOUT_S)[1])
-                for tp in tps
-            }
+            return {tp: _end_offset(consumer, tp) for tp in tps}
 
         return await asyncio.to_thread(ends)
 
@@ -305,6 +303,32 @@ class ConfluentRunnerConsumer:
             position = consumer.position([partition])[0].offset
             if high >= 0 and position >= 0:
                 yield tp, max(0, high - position)
+
+
+# Answers a partition's leader gives while it moves (a new topic, a broker restarting): asked again.
+_LEADER_MOVING = frozenset(
+    {
+        ConfluentError.NOT_LEADER_FOR_PARTITION,
+        ConfluentError.LEADER_NOT_AVAILABLE,
+        ConfluentError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+END_OFFSET_RETRY_S = 0.1
+
+
+def _end_offset(consumer: Consumer, tp: TopicPartition) -> int:
+    """The partition's end offset, asked again while its leader moves, for at most `CALL_TIMEOUT_S`."""
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while True:
+        try:
+            _low, high = consumer.get_watermark_offsets(ConfluentPartition(tp.topic, tp.partition), CALL_TIMEOUT_S)
+            return int(high)
+        except KafkaException as exception:
+            error = exception.args[0] if exception.args else None
+            moving = isinstance(error, ConfluentError) and (error.retriable() or error.code() in _LEADER_MOVING)
+            if not moving or time.monotonic() >= deadline:
+                raise
+            time.sleep(END_OFFSET_RETRY_S)  # in a worker thread, never on the event loop
 
 
 def runner_consumer(settings: ChoreoSettings, group_id: str, max_batch: int) -> RunnerConsumer:
