@@ -27,9 +27,9 @@ from services.common.kafka import confluent_options
 from services.common.kafka import consumer as make_aiokafka_consumer
 from services.common.metrics import fetched_lag
 from services.common.settings import ChoreoSettings
+from services.common.transactions import LIBRDKAFKA_LOG
 
 log = logging.getLogger(__name__)
-LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 # aiokafka's defaults, so that a member that died is replaced as soon on either client.
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 3_000
