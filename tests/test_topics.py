@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
 from schemas.topics import ALL_TOPICS, MONITOR_STATE, ORDERS
 from services.common.broker import BrokerSettings, LocalBroker
-from services.common.kafka import admin_client
+from services.common.kafka import admin_client, topic_configs
 from services.common.settings import ChoreoSettings
 from services.common.topics import OFFSETS_TOPIC, TopicConfigurationError, describe_topics, ensure_topics
 from tests.kafka_fixtures import free_port
@@ -120,3 +123,43 @@ async def test_on_a_fresh_broker_provisioning_readies_the_group_coordinator_befo
 async def _assigned(consumer: AIOKafkaConsumer) -> set[TopicPartition]:
     assignment: set[TopicPartition] = consumer.assignment()
     return assignment
+
+
+class _BrokersLearningOfATopic:
+    """An admin whose DescribeConfigs answers "unknown topic" the first `unknown_answers` times, as a broker
+    that has not yet seen a topic just created does."""
+
+    def __init__(self, unknown_answers: int, code: int = 3) -> None:
+        self.unknown_answers, self.code, self.asked = unknown_answers, code, 0
+
+    async def describe_configs(self, resources: list[Any]) -> list[Any]:
+        self.asked += 1
+        known = self.asked > self.unknown_answers
+        rows = [
+            (0, None, 2, resource.name, [("cleanup.policy", "compact", False, 5)])
+            if known
+            else (self.code, "", 2, resource.name, [])
+            for resource in resources
+        ]
+        return [SimpleNamespace(resources=rows)]
+
+
+async def test_a_topic_a_broker_has_not_seen_yet_is_described_again() -> None:
+    admin = _BrokersLearningOfATopic(unknown_answers=2)
+    configs = await topic_configs(cast(AIOKafkaAdminClient, admin), ["fresh"], wait_s=5.0)
+    assert configs == {"fresh": [("cleanup.policy", "compact", False, 5)]}
+    assert admin.asked == 3
+
+
+async def test_a_topic_unknown_past_the_wait_is_an_error() -> None:
+    admin = _BrokersLearningOfATopic(unknown_answers=10**6)
+    with pytest.raises(UnknownTopicOrPartitionError, match="fresh"):
+        await topic_configs(cast(AIOKafkaAdminClient, admin), ["fresh"], wait_s=0.3)
+    assert admin.asked > 1
+
+
+async def test_another_describe_error_is_not_asked_again() -> None:
+    admin = _BrokersLearningOfATopic(unknown_answers=1, code=TopicAuthorizationFailedError.errno)
+    with pytest.raises(TopicAuthorizationFailedError):
+        await topic_configs(cast(AIOKafkaAdminClient, admin), ["fresh"], wait_s=5.0)
+    assert admin.asked == 1

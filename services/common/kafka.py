@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 import time
@@ -11,7 +12,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import for_code
+from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 from aiokafka.partitioner import murmur2
 
 from services.common.settings import ChoreoSettings
@@ -90,18 +91,43 @@ def consumer(settings: ChoreoSettings, *topics: str, **overrides: Any) -> AIOKaf
     )
 
 
+TOPIC_KNOWN_WAIT_S = 15.0
+
+
+async def topic_configs(
+    admin: AIOKafkaAdminClient, names: Sequence[str], wait_s: float = TOPIC_KNOWN_WAIT_S
+) -> dict[str, list[Any]]:
+    """Each topic's configuration entries, as DescribeConfigs answers them.
+
+    The admin asks whichever broker it likes; in a cluster, one that has not yet seen a topic just created
+    answers "unknown topic", so that answer is asked again for up to `wait_s`.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        found: dict[str, list[Any]] = {}
+        unknown: list[str] = []
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names])
+        for response in responses:
+            for resource in response.resources:
+                code, message, _type, name, entries = resource[:5]
+                if code == UnknownTopicOrPartitionError.errno and time.monotonic() < deadline:
+                    unknown.append(name)
+                elif code != 0:
+                    raise for_code(code)(f"describing configuration of {name}: {message}")
+                else:
+                    found[name] = list(entries)
+        if not unknown:
+            return found
+        await asyncio.sleep(0.1)
+
+
 async def topic_config(admin: AIOKafkaAdminClient, topic: str, key: str) -> str | None:
     """One configuration value of `topic` as the broker reports it (None if the broker has no such key)."""
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    for response in responses:
-        for resource in response.resources:
-            code, message, _type, name, entries = resource[:5]
-            if code != 0:
-                raise for_code(code)(f"describing configuration of {name}: {message}")
-            for entry in entries:
-                if entry[0] == key:
-                    value: str = entry[1]
-                    return value
+    entries = (await topic_configs(admin, [topic]))[topic]
+    for entry in entries:
+        if entry[0] == key:
+            value: str = entry[1]
+            return value
     return None
 
 

@@ -19,7 +19,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from schemas.topics import ALL_TOPICS, AUDIT, DEAD_LETTER, MONITOR_ALERTS, Topic
-from services.common.kafka import admin_client
+from services.common.kafka import admin_client, topic_configs
 from services.common.settings import ChoreoSettings
 
 log = logging.getLogger(__name__)
@@ -407,23 +407,18 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, _
                 key=lambda placement: placement.partition,
             )
         )
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names])
     observed: dict[str, _Observed] = {}
-    for response in responses:
-        for resource in response.resources:
-            code, message, _type, name, entries = resource[:5]
-            if code != 0:
-                raise for_code(code)(f"describing configuration of {name}: {message}")
-            partitions, replicas = layout[name]
-            observed[name] = _Observed(
-                description=TopicDescription(
-                    name, partitions, replicas, _shown_config(entries), placement=placements[name]
-                ),
-                effective={entry[0]: entry[1] for entry in entries},
-                overrides={
-                    entry[0]: entry[1] for entry in entries if _is_topic_override(entry[3]) and entry[1] is not None
-                },
-            )
+    for name, entries in (await topic_configs(admin, names, METADATA_WAIT_S)).items():
+        partitions, replicas = layout[name]
+        observed[name] = _Observed(
+            description=TopicDescription(
+                name, partitions, replicas, _shown_config(entries), placement=placements[name]
+            ),
+            effective={entry[0]: entry[1] for entry in entries},
+            overrides={
+                entry[0]: entry[1] for entry in entries if _is_topic_override(entry[3]) and entry[1] is not None
+            },
+        )
     return {name: observed[name] for name in names}
 
 
