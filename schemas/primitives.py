@@ -7,7 +7,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 import pycountry
-from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, StringConstraints, WithJsonSchema
+from pydantic import AfterValidator, Field, PlainSerializer, PlainValidator, StringConstraints, WithJsonSchema
 
 _IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
 _DECIMAL_PATTERN = r"^(0|[1-9][0-9]{0,14})(\.[0-9]{1,4})?$"
@@ -26,18 +26,18 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=500)]
 Quantity = Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
 
 
-def _require_decimal_string(value: Any) -> Any:
+_DECIMAL = re.compile(_DECIMAL_PATTERN)
+
+
+def _decimal_amount(value: Any) -> Decimal:
     # A JSON number would silently lose precision in many clients, so the wire form is a string only.
-    if isinstance(value, Decimal):
-        return value
-    if not isinstance(value, str):
+    # One validator for both checks: each Python validator is a call out of pydantic-core, per amount.
+    if isinstance(value, str):
+        if _DECIMAL.fullmatch(value) is None:
+            raise ValueError(f'"{value}" is not a non-negative decimal with at most 4 fractional digits')
+        return Decimal(value)  # the pattern admits only finite, non-negative amounts
+    if not isinstance(value, Decimal):
         raise ValueError('must be a decimal string such as "12.50", not a JSON number')
-    if re.fullmatch(_DECIMAL_PATTERN, value) is None:
-        raise ValueError(f'"{value}" is not a non-negative decimal with at most 4 fractional digits')
-    return Decimal(value)
-
-
-def _finite(value: Decimal) -> Decimal:
     try:
         if not value.is_finite() or value < 0:
             raise ValueError("must be a finite, non-negative amount")
@@ -48,8 +48,7 @@ def _finite(value: Decimal) -> Decimal:
 
 Money = Annotated[
     Decimal,
-    BeforeValidator(_require_decimal_string),
-    AfterValidator(_finite),
+    PlainValidator(_decimal_amount, json_schema_input_type=str),
     PlainSerializer(lambda amount: format(amount, "f"), return_type=str, when_used="always"),
     WithJsonSchema({"type": "string", "pattern": _DECIMAL_PATTERN, "examples": ["19.99"]}),
 ]

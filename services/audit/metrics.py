@@ -105,13 +105,12 @@ class AuditMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        for outcome in OUTCOME_OF.values():
-            self.outcomes.labels(outcome)
-            self.duration.labels(outcome)
-        for category in CANCELLATION_REASONS:
-            self.cancellations.labels(category)
-        for step in STEP_OF.values():
-            self.compensations.labels(step)
+        # Each labelled child kept at hand: `labels()` builds a tuple and takes a lock, for every event written.
+        self._events_of: dict[str, Counter] = {}
+        self._outcome_of = {outcome: self.outcomes.labels(outcome) for outcome in OUTCOME_OF.values()}
+        self._duration_of = {outcome: self.duration.labels(outcome) for outcome in OUTCOME_OF.values()}
+        self._cancellations_of = {category: self.cancellations.labels(category) for category in CANCELLATION_REASONS}
+        self._compensations_of = {step: self.compensations.labels(step) for step in STEP_OF.values()}
 
     def collectors(self) -> Sequence[Collector]:
         return (self.events, self.outcomes, self.cancellations, self.compensations, self.refund_retries, self.duration)
@@ -119,21 +118,27 @@ class AuditMetrics:
     def written(self, events: Iterable[HeldEvent], placed_at: datetime | None) -> None:
         """Count events just written to `audit`; `placed_at` is when the order's OrderPlaced occurred, if known."""
         for event in events:
-            self.events.labels(event.type).inc()
+            self._events(event.type).inc()
             if event.type == OrderPlaced.__name__:
                 placed_at = event.occurred_at
             elif event.type == PaymentRefundFailed.__name__:
                 self.refund_retries.inc()
             step = STEP_OF.get(event.type)
             if step is not None:
-                self.compensations.labels(step).inc()
+                self._compensations_of[step].inc()
             outcome = OUTCOME_OF.get(event.type)
             if outcome is None:
                 continue
-            self.outcomes.labels(outcome).inc()
+            self._outcome_of[outcome].inc()
             if placed_at is not None:
-                self.duration.labels(outcome).observe(max(0.0, (event.occurred_at - placed_at).total_seconds()))
+                self._duration_of[outcome].observe(max(0.0, (event.occurred_at - placed_at).total_seconds()))
             if event.type == OrderCancelled.__name__:
-                cancelled = Envelope.model_validate_json(event.raw).data
+                cancelled = Envelope.from_bytes(event.raw.encode()).data
                 reason = cancelled.reason if isinstance(cancelled, OrderCancelled) else ""
-                self.cancellations.labels(cancellation_category(reason)).inc()
+                self._cancellations_of[cancellation_category(reason)].inc()
+
+    def _events(self, event_type: str) -> Counter:
+        child = self._events_of.get(event_type)
+        if child is None:
+            child = self._events_of[event_type] = self.events.labels(event_type)
+        return child
