@@ -91,11 +91,12 @@ def consumer(settings: ChoreoSettings, *topics: str, **overrides: Any) -> AIOKaf
     )
 
 
-TOPIC_KNOWN_WAIT_S = 15.0
+# How long a broker may take to learn a metadata change (a topic created, a configuration altered).
+METADATA_WAIT_S = 15.0
 
 
 async def topic_configs(
-    admin: AIOKafkaAdminClient, names: Sequence[str], wait_s: float = TOPIC_KNOWN_WAIT_S
+    admin: AIOKafkaAdminClient, names: Sequence[str], wait_s: float = METADATA_WAIT_S
 ) -> dict[str, list[Any]]:
     """Each topic's configuration entries, as DescribeConfigs answers them.
 

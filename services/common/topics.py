@@ -19,7 +19,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from schemas.topics import ALL_TOPICS, AUDIT, DEAD_LETTER, MONITOR_ALERTS, Topic
-from services.common.kafka import admin_client, topic_configs
+from services.common.kafka import METADATA_WAIT_S, admin_client, topic_configs
 from services.common.settings import ChoreoSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ _TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
 _DYNAMIC_TOPIC_CONFIG = 1
 _DEFAULT_CONFIG = 5
 _KAFKA_LONG_MAX = 2**63 - 1
-METADATA_WAIT_S = 15.0
 GROUP_COORDINATOR_WAIT_S = 30.0
 OFFSETS_TOPIC = "__consumer_offsets"
 
@@ -408,7 +407,7 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, _
             )
         )
     observed: dict[str, _Observed] = {}
-    for name, entries in (await topic_configs(admin, names, METADATA_WAIT_S)).items():
+    for name, entries in (await topic_configs(admin, names)).items():
         partitions, replicas = layout[name]
         observed[name] = _Observed(
             description=TopicDescription(
