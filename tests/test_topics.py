@@ -12,10 +12,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
+from aiokafka.protocol.offset import OffsetRequest
 
 from schemas.topics import ALL_TOPICS, MONITOR_STATE, ORDERS
 from services.common.broker import BrokerSettings, LocalBroker
-from services.common.kafka import admin_client, topic_configs
+from services.common.kafka import admin_client, consumer, topic_configs
 from services.common.settings import ChoreoSettings
 from services.common.topics import OFFSETS_TOPIC, TopicConfigurationError, describe_topics, ensure_topics
 from tests.kafka_fixtures import free_port
@@ -45,6 +46,39 @@ async def test_create_is_idempotent(choreo_settings: ChoreoSettings) -> None:
     assert await describe_topics(choreo_settings) == [
         type(t)(t.name, t.partitions, t.replication_factor, t.config) for t in second
     ]
+
+
+async def test_once_provisioning_returns_every_new_partition_s_leader_answers_offset_lookups_at_once(
+    choreo_settings: ChoreoSettings,
+) -> None:
+    # A consumer's first request for a partition is an offset lookup; aiokafka logs a refusal of it as an ERROR.
+    described = await ensure_topics(choreo_settings)
+    assert all(topic.created for topic in described)
+    lookup = consumer(choreo_settings)
+    await lookup.start()
+    try:
+        await lookup._client.force_metadata_update()
+        cluster = lookup._client.cluster
+        by_leader: dict[int, dict[str, list[tuple[int, int]]]] = {}
+        for topic in described:
+            for partition in range(topic.partitions):
+                leader = cluster.leader_for_partition(TopicPartition(topic.name, partition))
+                assert leader is not None, (topic.name, partition)
+                assert leader >= 0, (topic.name, partition)
+                by_leader.setdefault(leader, {}).setdefault(topic.name, []).append((partition, -1))
+        # One request per leader and no retry: every partition must be answered the first time it is asked.
+        answers = {
+            (name, partition): code
+            for leader, topics in by_leader.items()
+            for name, partitions in (
+                await lookup._client.send(leader, OffsetRequest(-1, 1, list(topics.items())))
+            ).topics
+            for partition, code, *_ in partitions
+        }
+    finally:
+        await lookup.stop()
+    assert len(answers) == sum(topic.partitions for topic in described)
+    assert {key: code for key, code in answers.items() if code != 0} == {}
 
 
 async def test_a_topic_with_the_wrong_cleanup_policy_is_corrected_and_reported(

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from schemas.topics import ALL_TOPICS, AUDIT, DEAD_LETTER, MONITOR_ALERTS, Topic
-from services.common.kafka import METADATA_WAIT_S, admin_client, topic_configs
+from services.common.kafka import METADATA_WAIT_S, admin_client, consumer, topic_configs
 from services.common.settings import ChoreoSettings
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ async def ensure_topics(
         missing = [topic for topic in topics if settings.topic(topic) not in existing]
         created = await _create(admin, settings, missing, wanted) if missing else set()
         observed = await _describe(admin, list(wanted))
+        if missing:
+            await _await_leaders(
+                settings, {name: observed[name].description.partitions for name in map(settings.topic, missing)}
+            )
         changes = {name: _diff(config, observed[name].effective) for name, config in wanted.items()}
         problems = [
             problem
@@ -303,6 +308,27 @@ async def _create(
             log.info("created topic %s", name)
             created.add(name)
     return created
+
+
+async def _await_leaders(settings: ChoreoSettings, partitions_by_topic: Mapping[str, int]) -> None:
+    """Wait until the leader of every partition of these new topics answers for it.
+
+    The metadata names a new partition's leader before that broker has taken the partition on; until it has,
+    a consumer's first offset lookup is refused with "not leader", and aiokafka logs that refusal as an ERROR.
+    An offset lookup here, retried quietly by the client, makes sure the services never meet it.
+    """
+    probe = consumer(settings, request_timeout_ms=int(METADATA_WAIT_S * 1000))
+    await probe.start()
+    try:
+        await probe.end_offsets(
+            [
+                TopicPartition(name, partition)
+                for name, count in partitions_by_topic.items()
+                for partition in range(count)
+            ]
+        )
+    finally:
+        await probe.stop()
 
 
 async def _alter(admin: AIOKafkaAdminClient, configs: Mapping[str, Mapping[str, str]]) -> None:
