@@ -57,6 +57,7 @@ _DYNAMIC_TOPIC_CONFIG = 1
 _DEFAULT_CONFIG = 5
 _KAFKA_LONG_MAX = 2**63 - 1
 GROUP_COORDINATOR_WAIT_S = 30.0
+LEADER_RETRY_MS = 20
 OFFSETS_TOPIC = "__consumer_offsets"
 
 
@@ -315,17 +316,17 @@ async def _await_leaders(settings: ChoreoSettings, partitions_by_topic: Mapping[
 
     The metadata names a new partition's leader before that broker has taken the partition on; until it has,
     a consumer's first offset lookup is refused with "not leader", and aiokafka logs that refusal as an ERROR.
-    An offset lookup here, retried quietly by the client, makes sure the services never meet it.
+    An offset lookup here, retried quietly by the client, makes sure the services never meet it. The topics
+    are asked at once: the client learns of one unknown topic per retry, a backoff apart.
     """
-    probe = consumer(settings, request_timeout_ms=int(METADATA_WAIT_S * 1000))
+    probe = consumer(settings, request_timeout_ms=int(METADATA_WAIT_S * 1000), retry_backoff_ms=LEADER_RETRY_MS)
     await probe.start()
     try:
-        await probe.end_offsets(
-            [
-                TopicPartition(name, partition)
+        await asyncio.gather(
+            *(
+                probe.end_offsets([TopicPartition(name, partition) for partition in range(count)])
                 for name, count in partitions_by_topic.items()
-                for partition in range(count)
-            ]
+            )
         )
     finally:
         await probe.stop()
