@@ -57,8 +57,6 @@ from services.payment.settings import PaymentSettings
 from services.shipping.app import build_app as build_shipping
 from services.shipping.settings import ShippingSettings
 
-log = logging.getLogger("benchmarks.handler_cpu")
-
 SERVICES = ("inventory", "payment", "approval", "shipping", "audit")
 TOTAL = "total"
 
