@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from msgspec.structs import replace
 from prometheus_client.registry import Collector
 
 from schemas.envelope import Envelope
@@ -61,7 +62,8 @@ class AuditApp:
         if known is None and forgotten(task, message, envelope):
             return
         state = known or AuditOrderState(order_id=envelope.order_id)
-        held = arrival(envelope, raw, now, traceparent=traceparent_of(message.headers))
+        after = state.last_by_topic.get(message.topic.name)
+        held = arrival(envelope, raw, now, after=after, traceparent=traceparent_of(message.headers))
         outcome = on_event(state, held, message.topic.name)
         if outcome.duplicate:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})
@@ -113,7 +115,7 @@ class AuditApp:
             task.after_commit(lambda: self.metrics.written(written, placed_at))
             placed = [event.occurred_at for event in written if event.type == OrderPlaced.__name__]
             if placed and not state.closed:
-                state = state.model_copy(update={"placed_at": placed[0]})
+                state = replace(state, placed_at=placed[0])
         # An order holding events waits for their causes; any other is forgotten one horizon after its
         # latest event (it is already as small as a marker: the ids written, no events).
         expires_at = None if state.held else task.stream_time_ms + task.retention_ms

@@ -12,8 +12,10 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+import msgspec
+from pydantic import ValidationError
 
 from schemas.envelope import EVENT_ID_NAMESPACE, Envelope, Source
 from schemas.events import TERMINAL_EVENTS, OrderCommandRejected
@@ -21,16 +23,22 @@ from schemas.events import TERMINAL_EVENTS, OrderCommandRejected
 # Not `order:`-prefixed, so it can never collide with an order's state key.
 HELD_INDEX_KEY = "audit:held-orders"
 
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A datetime that must carry its zone when read back from the changelog."""
 
-class HeldEvent(BaseModel):
+
+# The audit's state is built and rewritten for every event of every order, from envelopes the contract's
+# pydantic models already validated, so it is a msgspec Struct: 6 to 20 times cheaper to build, copy,
+# encode and decode than a model, and still checked field by field when read back from the changelog.
+class HeldEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """An event waiting to be written; `raw` is the record value as it arrived.
 
     It waits for two events: its cause, and `after`, the order's previous event on the same topic.
     The second keeps one service's events in the order it published them, even when the audit
     reads another topic behind (a refund must not overtake the charge it refunds).
+    `traceparent` is the W3C trace context of the record it arrived in: written by a timer, it still
+    joins the order's trace.
     """
-
-    model_config = ConfigDict(frozen=True)
 
     event_id: str
     causation_id: str | None
@@ -40,7 +48,6 @@ class HeldEvent(BaseModel):
     held_since: AwareDatetime
     raw: str
     traceparent: str | None = None
-    """W3C trace context of the record it arrived in: written by a timer, it still joins the order's trace."""
 
     @property
     def order(self) -> tuple[datetime, str, str]:
@@ -58,25 +65,23 @@ class HeldEvent(BaseModel):
 _TERMINAL_TYPES = frozenset(event.__name__ for event in TERMINAL_EVENTS)
 
 
-class AuditOrderState(BaseModel):
+class AuditOrderState(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """What the audit keeps for one order (key `order:<order_id>`).
 
     `written` lists the ids already on the audit topic, in the order they were written: that is
     what deduplicates a re-sent event, and also what a held event's cause is looked up in.
     `held` is empty once the order is quiet; after its terminal event (`closed`) only the ids
     remain, so a finished order costs a few dozen bytes per event, never the events themselves.
+    `placed_at` is when the order's OrderPlaced occurred, once written and until the order closes:
+    where its saga's duration starts.
     """
 
-    model_config = ConfigDict(frozen=True)
-
     order_id: str
-    written: list[str] = Field(default_factory=list)
-    held: dict[str, HeldEvent] = Field(default_factory=dict)
+    written: list[str] = msgspec.field(default_factory=list)
+    held: dict[str, HeldEvent] = msgspec.field(default_factory=dict)
     closed: bool = False
-    last_by_topic: dict[str, str] = Field(default_factory=dict)
+    last_by_topic: dict[str, str] = msgspec.field(default_factory=dict)
     placed_at: AwareDatetime | None = None
-    """When the order's OrderPlaced occurred, once written and until the order closes: where its saga's
-    duration starts."""
 
     def seen(self, event_id: str) -> bool:
         return event_id in self.held or event_id in self.written
@@ -88,12 +93,10 @@ class AuditOrderState(BaseModel):
         return min((event.held_since for event in self.held.values()), default=None)
 
 
-class HeldIndex(BaseModel):
+class HeldIndex(msgspec.Struct, frozen=True, kw_only=True):
     """Orders of one task that hold events, with their oldest hold, so a tick never scans every order."""
 
-    model_config = ConfigDict(frozen=True)
-
-    orders: dict[str, AwareDatetime] = Field(default_factory=dict)
+    orders: dict[str, AwareDatetime] = msgspec.field(default_factory=dict)
 
     def updated(self, state: AuditOrderState) -> HeldIndex:
         oldest = state.oldest_hold()
@@ -199,7 +202,7 @@ def write_with_consequences(state: AuditOrderState, ready: Iterable[HeldEvent]) 
         for child in [held_event for held_event in held.values() if event.event_id in held_event.waits_for()]:
             if all(event_id in written for event_id in child.waits_for()):
                 heapq.heappush(heap, (child.order, next(tiebreak), child))
-    new_state = state.model_copy(update={"held": held, "written": written, "closed": closed})
+    new_state = msgspec.structs.replace(state, held=held, written=written, closed=closed)
     return Outcome(state=compacted(new_state), written=tuple(out))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from msgspec.structs import replace
+
 from services.audit.domain import AuditOrderState, HeldEvent, Outcome, chain_root, write_with_consequences
 
 
@@ -11,11 +13,13 @@ def on_event(state: AuditOrderState, event: HeldEvent, topic: str) -> Outcome:
     """Write the event once, after its cause and the order's previous event on `topic`; else hold it."""
     if state.seen(event.event_id):
         return Outcome(state=state, duplicate=True)
-    event = event.model_copy(update={"after": state.last_by_topic.get(topic)})
-    state = state.model_copy(update={"last_by_topic": {**state.last_by_topic, topic: event.event_id}})
+    previous = state.last_by_topic.get(topic)
+    if event.after != previous:
+        event = replace(event, after=previous)
+    state = replace(state, last_by_topic={**state.last_by_topic, topic: event.event_id})
     if state.ready(event):
         return write_with_consequences(state, [event])
-    return Outcome(state=state.model_copy(update={"held": {**state.held, event.event_id: event}}))
+    return Outcome(state=replace(state, held={**state.held, event.event_id: event}))
 
 
 def on_tick(state: AuditOrderState, now: datetime, wait: timedelta) -> Outcome:

@@ -7,6 +7,7 @@ import logging
 from datetime import timedelta
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from schemas.deadletter import DeadLetter
@@ -344,11 +345,10 @@ def test_a_finished_order_keeps_only_the_ids_of_its_events() -> None:
     assert state.closed
     assert state.held == {}
     assert sorted(state.written) == sorted(ids(saga))
-    assert set(json.loads(state.model_dump_json())) == {
-        "order_id", "written", "held", "closed", "last_by_topic", "placed_at"
-    }  # fmt: skip
+    stored = msgspec.json.encode(state)  # as the store writes it
+    assert set(json.loads(stored)) == {"order_id", "written", "closed", "last_by_topic"}
     assert state.placed_at is None
-    assert "OrderPlaced" not in state.model_dump_json()
+    assert b"OrderPlaced" not in stored
     # And the task no longer lists the order as waiting
     assert audit.held_index().orders == {}
 

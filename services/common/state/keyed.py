@@ -12,14 +12,18 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
+from functools import cache
+from typing import Any, TypeVar
 
+import msgspec
 from pydantic import BaseModel
 
 from services.common.state.backend import Backend, Checkpoint
 from services.common.state.memory import MemoryBackend
 
-Model = TypeVar("Model", bound=BaseModel)
+Document = BaseModel | msgspec.Struct
+"""A stored value: a pydantic model, or a msgspec Struct where a hot path cannot afford pydantic's copies."""
+Model = TypeVar("Model", bound=Document)
 
 _VALUE = b"s"
 _INDEX = b"x"
@@ -57,6 +61,27 @@ def _index_key(expires_at_ms: int, key: bytes) -> bytes:
     return _INDEX + _TIME.pack(expires_at_ms) + key
 
 
+def _decode(raw: bytes, model: type[Model]) -> Model:
+    if issubclass(model, msgspec.Struct):
+        decoded: Model = _struct_decoder(model).decode(raw)
+        return decoded
+    return model.model_validate_json(raw)
+
+
+def _encode(value: Document) -> bytes:
+    if isinstance(value, msgspec.Struct):
+        return _STRUCT_ENCODER.encode(value)
+    return value.model_dump_json().encode()
+
+
+@cache
+def _struct_decoder(model: type[Any]) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(model)
+
+
+_STRUCT_ENCODER = msgspec.json.Encoder()
+
+
 class KeyedStore:
     """One task's keyed state over a backend (in memory unless given one)."""
 
@@ -65,7 +90,7 @@ class KeyedStore:
         self._dirty: dict[str, tuple[bytes | None, int | None]] = {}
         # Decoded documents (and their expiry) of recently used keys, committed or not: bounded, so
         # memory does not follow the number of keys.
-        self._decoded: OrderedDict[str, tuple[BaseModel, int | None]] = OrderedDict()
+        self._decoded: OrderedDict[str, tuple[Document, int | None]] = OrderedDict()
         self._cache_entries = cache_entries
 
     # --- reading ------------------------------------------------------------------------------
@@ -78,7 +103,7 @@ class KeyedStore:
         raw, expires_at_ms = self._lookup(key)
         if raw is None:
             return None
-        value = model.model_validate_json(raw)
+        value = _decode(raw, model)
         self._cache(key, value, expires_at_ms)
         return value
 
@@ -120,11 +145,11 @@ class KeyedStore:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def put(self, key: str, value: BaseModel, *, expires_at: int | Keep | None = KEEP) -> None:
+    def put(self, key: str, value: Document, *, expires_at: int | Keep | None = KEEP) -> None:
         expiry = self.expires_at(key) if expires_at is KEEP else expires_at
         # Serialized here, not at the commit: a value that cannot be is a handler's error, and fails the
         # record being handled (dead-lettered) rather than every commit of the instance.
-        self._dirty[key] = (value.model_dump_json().encode(), expiry)
+        self._dirty[key] = (_encode(value), expiry)
         self._cache(key, value, expiry)
 
     def delete(self, key: str) -> None:
@@ -177,7 +202,7 @@ class KeyedStore:
             return None, None
         return _unpack(stored)
 
-    def _cache(self, key: str, value: BaseModel, expires_at_ms: int | None) -> None:
+    def _cache(self, key: str, value: Document, expires_at_ms: int | None) -> None:
         self._decoded[key] = (value, expires_at_ms)
         self._decoded.move_to_end(key)
         if len(self._decoded) > self._cache_entries:
