@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Self, TypeVar
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.envelope import CE_TYPE, ContractError, Envelope, Source, describe_validation_error
@@ -167,8 +168,8 @@ def ignored(message: Incoming, handles: Collection[type[Event]]) -> bool:
     return event_type is not None and event_type not in handles
 
 
-class AppliedOffset(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class AppliedOffset(msgspec.Struct, frozen=True):
+    """Stored for every request an entity stage reads, so as cheap to build and encode as can be."""
 
     offset: int
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from schemas.events import OrderDetails, Shortage, StockLine
@@ -22,6 +23,7 @@ TEXT_LIMIT = 500
 """Longest reason the contract accepts (`Text`)."""
 
 _SKU = TypeAdapter(Sku)
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
 def sku_key(sku: str) -> str:
@@ -88,27 +90,24 @@ def parse_catalog(document: object, *, origin: str = "inventory catalog") -> dic
 # --- the SKU stage ------------------------------------------------------------------------------------
 
 
-class SkuStock(BaseModel):
-    """One SKU's stock. Every change is validated, so a bug cannot store an oversold or leaking SKU."""
+class SkuStock(msgspec.Struct, frozen=True, kw_only=True):
+    """One SKU's stock. Every change is checked, so a bug cannot store an oversold or leaking SKU.
 
-    model_config = ConfigDict(frozen=True)
+    A Struct rather than a model: it is rebuilt and stored on every hold, release and commit of the
+    SKU, and `__post_init__` runs the same checks whether it is built, changed or read back.
+    """
 
     sku: str
-    initial: int = Field(ge=0)
-    available: int = Field(ge=0)
-    reserved: int = Field(default=0, ge=0)
-    shipped: int = Field(default=0, ge=0)
-    holds: dict[str, int] = Field(default_factory=dict)
+    initial: NonNegative
+    available: NonNegative
+    reserved: NonNegative = 0
+    shipped: NonNegative = 0
+    holds: dict[str, int] = msgspec.field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _conserved(self) -> Self:
-        return self._checked()
-
-    def _checked(self) -> Self:
+    def __post_init__(self) -> None:
         problem = self._unconserved()
         if problem is not None:
             raise ValueError(problem)
-        return self
 
     def _unconserved(self) -> str | None:
         if min(self.available, self.reserved, self.shipped) < 0:
@@ -165,9 +164,7 @@ class SkuStock(BaseModel):
         )
 
     def _with(self, **changes: Any) -> SkuStock:
-        # model_copy skips the validators, which are the point of this model: the same checks run here,
-        # without dumping and validating the whole document again.
-        return self.model_copy(update=changes)._checked()
+        return msgspec.structs.replace(self, **changes)
 
 
 # --- internal messages ------------------------------------------------------------------------------
