@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal, Self
 
+import msgspec
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.envelope import describe_validation_error
@@ -115,17 +116,18 @@ class LedgerReply(BaseModel):
 # --- ledger stage: one customer's credit ----------------------------------------------------------
 
 
-class Settlement(BaseModel):
+class Settlement(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """How a customer's hold for one order ended, kept for one retention horizon under a key of its own, so
-    a repeated request answers as the first and the ledger itself follows only the orders in flight."""
+    a repeated request answers as the first and the ledger itself follows only the orders in flight.
 
-    model_config = ConfigDict(frozen=True)
+    `at_ms` is when a ledger written before settlements had keys of their own settled it (stream time);
+    0 since.
+    """
 
     outcome: Literal["declined", "released", "refunded", "charged"]
     amount: Decimal
     reason: str | None = None
     at_ms: int = 0
-    """When a ledger written before settlements had keys of their own settled it (stream time); 0 since."""
 
 
 @dataclass(frozen=True)
@@ -138,17 +140,18 @@ class LedgerChange:
     settled: Settlement | None = None
 
 
-class CustomerLedger(BaseModel):
+class CustomerLedger(msgspec.Struct, frozen=True, kw_only=True):
     """Invariants: 0 <= used <= credit_limit; used == sum(holds) + finalized_total;
     charged_total - refunded_total == used.
 
     `holds` are the charges of orders still in flight, which a release or a refund may take back; a
     completed order's charge moves to `finalized_total` (it keeps using credit), so the ledger follows the
     customer's orders in flight, not every order the customer ever completed. How a hold ended is a
-    `Settlement` the caller keeps beside the ledger and hands back to `hold`.
-    """
+    `Settlement` the caller keeps beside the ledger and hands back to `hold`. `settled` holds the
+    settlements of a ledger written before they had keys of their own: moved out when it is next read.
 
-    model_config = ConfigDict(frozen=True)
+    A Struct rather than a model: it is read, changed and stored on every request of the customer's orders.
+    """
 
     customer_id: str
     credit_limit: Decimal
@@ -156,9 +159,8 @@ class CustomerLedger(BaseModel):
     charged_total: Decimal = Decimal(0)
     refunded_total: Decimal = Decimal(0)
     finalized_total: Decimal = Decimal(0)
-    holds: dict[str, Decimal] = Field(default_factory=dict)
-    settled: dict[str, Settlement] = Field(default_factory=dict)
-    """Settlements of a ledger written before they had keys of their own: moved out when it is next read."""
+    holds: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    settled: dict[str, Settlement] = msgspec.field(default_factory=dict)
 
     @property
     def available(self) -> Decimal:
@@ -177,12 +179,11 @@ class CustomerLedger(BaseModel):
             return LedgerChange(self, self._reply(order_id, amount, held=False, reason=reason), declined)
         # The order stage charges exactly when a hold succeeds (unless the order was cancelled, and
         # then it releases), so a granted hold counts as charged until released or refunded.
-        ledger = self.model_copy(
-            update={
-                "used": self.used + amount,
-                "charged_total": self.charged_total + amount,
-                "holds": {**self.holds, order_id: amount},
-            }
+        ledger = msgspec.structs.replace(
+            self,
+            used=self.used + amount,
+            charged_total=self.charged_total + amount,
+            holds={**self.holds, order_id: amount},
         )
         return LedgerChange(ledger, self._reply(order_id, amount, held=True))
 
@@ -211,14 +212,14 @@ class CustomerLedger(BaseModel):
         return self._close(order_id, amount, "charged", finalized_total=self.finalized_total + amount)
 
     def without_legacy_settlements(self) -> CustomerLedger:
-        return self.model_copy(update={"settled": {}}) if self.settled else self
+        return msgspec.structs.replace(self, settled={}) if self.settled else self
 
     def _close(
         self, order_id: str, amount: Decimal, outcome: Literal["released", "refunded", "charged"], **totals: Decimal
     ) -> LedgerChange:
         """The hold leaves the ledger, settled with `outcome`; `totals` say how the sums move."""
         holds = {key: value for key, value in self.holds.items() if key != order_id}
-        ledger = self.model_copy(update={"holds": holds, **totals})
+        ledger = msgspec.structs.replace(self, holds=holds, **totals)
         return LedgerChange(ledger, settled=Settlement(outcome=outcome, amount=amount))
 
     def _reply(self, order_id: str, amount: Decimal, *, held: bool, reason: str | None = None) -> LedgerReply:
