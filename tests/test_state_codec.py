@@ -32,4 +32,4 @@ def test_it_prints_a_timing_of_each_library_for_every_operation(capsys: pytest.C
         pydantic_us, msgspec_us, ratio = row[28:].split()
         assert float(pydantic_us) > 0
         assert float(msgspec_us) > 0
-        assert float(ratio.removesuffix("x")) == pytest.approx(float(pydantic_us) / float(msgspec_us), rel=0.1)
+        assert float(ratio.removesuffix("x")) == pytest.approx(float(pydantic_us) / float(msgspec_us), rel=0.25)
