@@ -62,8 +62,7 @@ class AuditApp:
         if known is None and forgotten(task, message, envelope):
             return
         state = known or AuditOrderState(order_id=envelope.order_id)
-        after = state.last_by_topic.get(message.topic.name)
-        held = arrival(envelope, raw, now, after=after, traceparent=traceparent_of(message.headers))
+        held = arrival(envelope, raw, now, traceparent=traceparent_of(message.headers))
         outcome = on_event(state, held, message.topic.name)
         if outcome.duplicate:
             log.debug("duplicate event not written again", extra={"event_id": str(envelope.event_id)})

@@ -13,9 +13,7 @@ def on_event(state: AuditOrderState, event: HeldEvent, topic: str) -> Outcome:
     """Write the event once, after its cause and the order's previous event on `topic`; else hold it."""
     if state.seen(event.event_id):
         return Outcome(state=state, duplicate=True)
-    previous = state.last_by_topic.get(topic)
-    if event.after != previous:
-        event = replace(event, after=previous)
+    event = replace(event, after=state.last_by_topic.get(topic))
     state = replace(state, last_by_topic={**state.last_by_topic, topic: event.event_id})
     if state.ready(event):
         return write_with_consequences(state, [event])
