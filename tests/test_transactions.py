@@ -11,7 +11,7 @@ from schemas.topics import AUDIT, INVENTORY_EVENTS, ORDERS
 from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
-from services.common.transactions import FencedError, Outgoing, fence, transactions
+from services.common.transactions import BATCH_BYTES, FencedError, Outgoing, fence, transactions
 from tests.support import eventually, read_topic
 
 CLIENTS = ("aiokafka", "confluent")
@@ -57,6 +57,34 @@ async def test_a_commit_writes_its_records_where_their_keys_belong_and_tags_its_
     found_offset = committed[TopicPartition(settings.topic(AUDIT), 0)]
     # (librdkafka's metadata arrives with its C string's terminating NUL)
     assert (found_offset.offset, found_offset.metadata.rstrip("\0")) == (7, "tag-1")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_commit_larger_than_a_producer_batch_keeps_each_partitions_order(
+    choreo_settings: ChoreoSettings, client: str
+) -> None:
+    # Given a producer on one of the clients
+    settings = choreo_settings.model_copy(update={"transaction_client": client})
+    await ensure_topics(settings)
+    producer = transactions(settings, f"{settings.topic_prefix}tx-large")
+    await producer.start()
+    try:
+        # When one commit carries, to two partitions in turn, more than a producer batch holds
+        value = b"x" * (BATCH_BYTES // 40)
+        records = [
+            Outgoing(settings.topic(AUDIT), f"k-{index}".encode(), value + str(index).encode(), partition=index % 2)
+            for index in range(100)
+        ]
+        written = await producer.commit(records, {}, settings.group("probe"))
+    finally:
+        await producer.stop()
+    # Then every record is where its offset says, and each partition holds its records in the order given
+    rows = await eventually(lambda: read_topic(settings, AUDIT), lambda found: len(found) >= len(records), timeout=30)
+    found = {(row.partition, row.offset): row.value for row in rows}
+    assert [found[(where.partition, where.offset)] for where in written] == [record.value for record in records]
+    for partition in (0, 1):
+        in_topic = [row.value for row in sorted(rows, key=lambda row: row.offset) if row.partition == partition]
+        assert in_topic == [record.value for record in records if record.partition == partition]
 
 
 @pytest.mark.parametrize("client", CLIENTS)
