@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -15,6 +16,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas.topics import Topic
 from services.common.kafka import admin_client
 from services.common.settings import ChoreoSettings
+from services.common.topics import ensure_topics
+from services.common.transactions import Transactions, transactions
 
 T = TypeVar("T")
 
@@ -100,3 +103,15 @@ async def committed_offsets(
     if partitions is None:
         return {tp: meta.offset for tp, meta in found.items() if isinstance(tp, TopicPartition)}
     return {tp: found[tp].offset if tp in found else -1 for tp in partitions}
+
+
+@asynccontextmanager
+async def started_transactions(settings: ChoreoSettings, transactional_id: str) -> AsyncIterator[Transactions]:
+    """A started transactional producer of `settings`' client, on topics that exist; stopped on leaving."""
+    await ensure_topics(settings)
+    producer = transactions(settings, transactional_id)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()

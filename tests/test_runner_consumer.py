@@ -11,7 +11,8 @@ from schemas.topics import AUDIT
 from services.common.runner_consumer import ConfluentRunnerConsumer, RunnerConsumer, runner_consumer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
-from services.common.transactions import Outgoing, transactions
+from services.common.transactions import Outgoing
+from tests.support import started_transactions
 
 CLIENTS = ("aiokafka", "confluent")
 RECORDS = 12
@@ -58,12 +59,8 @@ async def test_the_consumer_reads_committed_records_from_where_the_assignment_se
     await ensure_topics(settings)
     topic = settings.topic(AUDIT)
     tp = TopicPartition(topic, 0)
-    producer = transactions(settings, f"{settings.topic_prefix}writer")
-    await producer.start()
-    try:
+    async with started_transactions(settings, f"{settings.topic_prefix}writer") as producer:
         await producer.commit([Outgoing(topic, b"k", b"v%d" % i, partition=0) for i in range(RECORDS)], {}, "g")
-    finally:
-        await producer.stop()
     # When a consumer of the group is assigned it and seeks to offset 5 from inside the assignment
     holder: list[RunnerConsumer] = []
     listener = _Listener(holder, {tp: 5})

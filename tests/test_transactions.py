@@ -10,9 +10,8 @@ from aiokafka import TopicPartition
 from schemas.topics import AUDIT, INVENTORY_EVENTS, ORDERS
 from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
-from services.common.topics import ensure_topics
-from services.common.transactions import BATCH_BYTES, FencedError, Outgoing, fence, transactions
-from tests.support import eventually, read_topic
+from services.common.transactions import BATCH_BYTES, FencedError, Outgoing, fence
+from tests.support import eventually, read_topic, started_transactions
 
 CLIENTS = ("aiokafka", "confluent")
 COMMITS = 150
@@ -25,18 +24,13 @@ async def test_a_commit_writes_its_records_where_their_keys_belong_and_tags_its_
 ) -> None:
     # Given a producer on one of the clients
     settings = choreo_settings.model_copy(update={"transaction_client": client})
-    await ensure_topics(settings)
-    producer = transactions(settings, f"{settings.topic_prefix}tx")
-    await producer.start()
-    try:
+    async with started_transactions(settings, f"{settings.topic_prefix}tx") as producer:
         # When it commits keyed records, one with its own partition, and an offset with a tag
         keys = [f"k-{index}".encode() for index in range(20)]
         records = [Outgoing(settings.topic(AUDIT), key, b"v" + key) for key in keys]
         records.append(Outgoing(settings.topic(AUDIT), b"pinned", b"v", partition=1, headers=(("h", b"1"),)))
         offsets = {TopicPartition(settings.topic(AUDIT), 0): (7, "tag-1")}
         written = await producer.commit(records, offsets, settings.group("probe"))
-    finally:
-        await producer.stop()
     # Then each record is where murmur2 (Java's and aiokafka's partitioner) puts its key, in order
     # (visible once the coordinator has written the commit markers, just after the commit returns)
     rows = await eventually(lambda: read_topic(settings, AUDIT), lambda found: len(found) >= len(records), timeout=30)
@@ -65,10 +59,7 @@ async def test_a_commit_larger_than_a_producer_batch_keeps_each_partitions_order
 ) -> None:
     # Given a producer on one of the clients
     settings = choreo_settings.model_copy(update={"transaction_client": client})
-    await ensure_topics(settings)
-    producer = transactions(settings, f"{settings.topic_prefix}tx-large")
-    await producer.start()
-    try:
+    async with started_transactions(settings, f"{settings.topic_prefix}tx-large") as producer:
         # When one commit carries, to two partitions in turn, more than a producer batch holds
         value = b"x" * (BATCH_BYTES // 40)
         records = [
@@ -76,8 +67,6 @@ async def test_a_commit_larger_than_a_producer_batch_keeps_each_partitions_order
             for index in range(100)
         ]
         written = await producer.commit(records, {}, settings.group("probe"))
-    finally:
-        await producer.stop()
     # Then every record is where its offset says, and each partition holds its records in the order given
     rows = await eventually(lambda: read_topic(settings, AUDIT), lambda found: len(found) >= len(records), timeout=30)
     found = {(row.partition, row.offset): row.value for row in rows}
@@ -91,18 +80,13 @@ async def test_a_commit_larger_than_a_producer_batch_keeps_each_partitions_order
 async def test_a_fenced_producer_can_commit_nothing(choreo_settings: ChoreoSettings, client: str) -> None:
     # Given a started producer
     settings = choreo_settings.model_copy(update={"transaction_client": client})
-    await ensure_topics(settings)
     transactional_id = f"{settings.topic_prefix}zombie"
-    zombie = transactions(settings, transactional_id)
-    await zombie.start()
-    try:
+    async with started_transactions(settings, transactional_id) as zombie:
         # When a newer owner fences its id
         await fence(settings, transactional_id)
         # Then its next commit fails as fenced, and nothing of it is visible
         with pytest.raises(FencedError):
             await zombie.commit([Outgoing(settings.topic(AUDIT), b"k", b"late")], {}, settings.group("probe"))
-    finally:
-        await zombie.stop()
     assert await read_topic(settings, AUDIT) == []
 
 
@@ -112,12 +96,9 @@ async def test_back_to_back_commits_meet_no_retried_errors(
 ) -> None:
     # Given a producer on one of the clients, its client libraries' warnings captured
     settings = choreo_settings.model_copy(update={"transaction_client": client})
-    await ensure_topics(settings)
     for logger in CLIENT_LOGGERS:
         caplog.set_level(logging.WARNING, logger=logger)
-    producer = transactions(settings, f"{settings.topic_prefix}tx")
-    await producer.start()
-    try:
+    async with started_transactions(settings, f"{settings.topic_prefix}tx") as producer:
         # (that has written to every partition once: a topic just created may not have its leaders yet)
         warm_up = [
             Outgoing(settings.topic(topic), None, b"v", partition=partition)
@@ -134,8 +115,6 @@ async def test_back_to_back_commits_meet_no_retried_errors(
             ]
             offsets = {TopicPartition(settings.topic(ORDERS), batch % settings.partitions): (batch + 1, "")}
             await producer.commit(records, offsets, settings.group("probe"))
-    finally:
-        await producer.stop()
     # Then no request was answered with an error to retry (the broker's transaction verification
     # answers a produce NOT_ENOUGH_REPLICAS while the coordinator adds the offsets at the same time)
     client_records = [record for record in caplog.records if record.name.split(".")[0] in CLIENT_LOGGERS]
