@@ -10,7 +10,6 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from schemas.topics import AUDIT
 from services.common.runner_consumer import ConfluentRunnerConsumer, RunnerConsumer, runner_consumer
 from services.common.settings import ChoreoSettings
-from services.common.topics import ensure_topics
 from services.common.transactions import Outgoing
 from tests.support import started_transactions
 
@@ -56,7 +55,6 @@ async def test_the_consumer_reads_committed_records_from_where_the_assignment_se
 ) -> None:
     # Given a transaction of records on partition 0 and one aborted after it
     settings = choreo_settings.model_copy(update={"consumer_client": client})
-    await ensure_topics(settings)
     topic = settings.topic(AUDIT)
     tp = TopicPartition(topic, 0)
     async with started_transactions(settings, f"{settings.topic_prefix}writer") as producer:

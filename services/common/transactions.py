@@ -110,44 +110,45 @@ class AiokafkaTransactions:
         self, records: Sequence[Outgoing], offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str
     ) -> list[Written]:
         producer = self._producer
-        deliveries: list[tuple[asyncio.Future[Any], list[int]]] = []
-        written: list[Written | None] = [None] * len(records)
+        deliveries: list[asyncio.Future[Any]] = []
         try:
             async with producer.transaction():
                 # Whole producer batches, filled in C: `send` costs a coroutine, three metadata lookups
                 # and a future for every record, more than the record's own encoding.
-                for tp, batch, indices in await self._batches(records):
-                    deliveries.append((await producer.send_batch(batch, tp.topic, partition=tp.partition), indices))
+                batches, placements = await self._batches(records)
+                for tp, batch in batches:
+                    deliveries.append(await producer.send_batch(batch, tp.topic, partition=tp.partition))
                 # Every batch's outcome is read here, so a failed send fails this transaction
                 # (and is never left as an unobserved error). The offsets are added only once the
                 # records are written: a produce the broker verifies while the coordinator adds the
                 # offsets (AddOffsetsToTxn) is answered NOT_ENOUGH_REPLICAS, retried after a backoff
                 # and logged as a warning; one after the other is also the faster of the two.
-                for delivery, indices in deliveries:  # in turn: gather would wrap each in a task
-                    meta = await delivery
-                    for position, index in enumerate(indices):
-                        written[index] = Written(meta.topic, meta.partition, meta.offset + position)
+                sent = [await delivery for delivery in deliveries]  # gather would wrap each in a task
                 if offsets:
                     await producer.send_offsets_to_transaction(dict(offsets), group_id)
         except ProducerFenced as error:
-            _observe([delivery for delivery, _ in deliveries])
+            _observe(deliveries)
             raise FencedError(str(error)) from error
         except KafkaError as error:
-            _observe([delivery for delivery, _ in deliveries])
+            _observe(deliveries)
             raise TransactionFailedError(repr(error)) from error
-        return [record for record in written if record is not None]
+        # A record's offset is its batch's base offset plus its place in the batch.
+        return [Written(sent[n].topic, sent[n].partition, sent[n].offset + place) for n, place in placements]
 
-    async def _batches(self, records: Sequence[Outgoing]) -> list[tuple[TopicPartition, BatchBuilder, list[int]]]:
-        """`records` as producer batches, each with the indices of its records in `records`.
+    async def _batches(
+        self, records: Sequence[Outgoing]
+    ) -> tuple[list[tuple[TopicPartition, BatchBuilder]], list[tuple[int, int]]]:
+        """`records` as producer batches, and where each record went: (which batch, its place in it).
 
         A partition's records keep their order, each batch a run of them; a record without a partition
         goes where the producer's partitioner would send it.
         """
         producer = self._producer
         partitions: dict[str, list[int]] = {}
-        open_batches: dict[TopicPartition, tuple[BatchBuilder, list[int]]] = {}
-        batches: list[tuple[TopicPartition, BatchBuilder, list[int]]] = []
-        for index, record in enumerate(records):
+        open_batch: dict[TopicPartition, int] = {}
+        batches: list[tuple[TopicPartition, BatchBuilder]] = []
+        placements: list[tuple[int, int]] = []
+        for record in records:
             partition = record.partition
             if partition is None:
                 known = partitions.get(record.topic)
@@ -155,15 +156,15 @@ class AiokafkaTransactions:
                     known = partitions[record.topic] = sorted(await producer.partitions_for(record.topic))
                 partition = default_partitioner(record.key, known, known)
             tp = TopicPartition(record.topic, partition)
-            current = open_batches.get(tp)
+            number = open_batch.get(tp)
             # A fresh batch takes any first record; one the current batch refuses starts the next.
-            while current is None or not _appended(current[0], record):
-                current = open_batches[tp] = (producer.create_batch(), [])
-                batches.append((tp, *current))
-            current[1].append(index)
-        for _, batch, _ in batches:
+            while number is None or not _appended(batches[number][1], record):
+                number = open_batch[tp] = len(batches)
+                batches.append((tp, producer.create_batch()))
+            placements.append((number, batches[number][1].record_count() - 1))
+        for _, batch in batches:
             batch.close()  # nothing else may add to it once submitted
-        return batches
+        return batches, placements
 
 
 def _appended(batch: BatchBuilder, record: Outgoing) -> bool:
