@@ -1,11 +1,15 @@
 """The transactional runner on the real broker: what a commit interval batches, what a clean stop keeps,
-and when a request between two stages skips its topic."""
+what a failed commit leaves, and when a request between two stages skips its topic."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+
+import msgspec
+import pytest
+from aiokafka import TopicPartition
 
 from schemas.topics import AUDIT, AUDIT_STATE, ORDERS, STOCK_REQUESTS, Topic
 from services.common.kafka import partition_for
@@ -13,6 +17,7 @@ from services.common.kafka import producer as make_producer
 from services.common.processor import Incoming, TaskContext, TransactionalRunner
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
+from services.common.transactions import Outgoing, TransactionFailedError, Transactions, Written, transactions
 from tests.support import committed_offsets, eventually, read_topic
 
 RECORDS = 60
@@ -166,6 +171,105 @@ async def test_requests_already_on_the_topic_are_not_overtaken(choreo_settings: 
         await publish_to(choreo_settings, ORDERS, [("later", "sku-x")])
         await eventually(lambda: asyncio.sleep(0, runner.stats.in_process), lambda count: count == 1, timeout=60)
         assert partition_for(b"sku-x", choreo_settings.partitions) in runner.partitions
+    finally:
+        runner.stop()
+        await asyncio.wait_for(running, 60)
+
+
+class Count(msgspec.Struct, frozen=True):
+    seen: int
+
+
+class Counting:
+    """Copies every input record to the audit topic with how many its task has seen, kept in its state."""
+
+    name = "counting"
+    inputs: Sequence[Topic] = (ORDERS,)
+    changelog: Topic = AUDIT_STATE
+    in_process: Sequence[Topic] = ()
+
+    def process(self, task: TaskContext, message: Incoming) -> None:
+        assert message.key is not None
+        assert message.value is not None
+        count = task.store.get("count", Count) or Count(0)
+        task.store.put("count", Count(count.seen + 1))
+        task.send(AUDIT, message.key.decode(), message.value + f"#{count.seen + 1}".encode())
+
+    def tick(self, task: TaskContext, now: datetime) -> None:
+        """No timers."""
+
+
+def kept_count(runner: TransactionalRunner) -> int:
+    """The records the runner's tasks have counted, or -1 while it owns none (taking them again)."""
+    if not runner.partitions:
+        return -1
+    counts = [runner.store(partition).get("count", Count) for partition in runner.partitions]
+    return sum(count.seen for count in counts if count is not None)
+
+
+class FailsOnce:
+    """A real producer whose first commit of records is reported failed. With `lands` it is committed
+    first, as when the coordinator takes a commit and its answer is lost; without, nothing is sent."""
+
+    def __init__(self, real: Transactions, lands: bool, failed: list[str]) -> None:
+        self._real = real
+        self._lands = lands
+        self._failed = failed
+        self.transactional_id = real.transactional_id
+
+    async def start(self) -> None:
+        await self._real.start()
+
+    async def stop(self) -> None:
+        await self._real.stop()
+
+    async def commit(
+        self, records: Sequence[Outgoing], offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str
+    ) -> list[Written]:
+        if records and not self._failed:
+            self._failed.append(self.transactional_id)
+            if self._lands:
+                await self._real.commit(records, offsets, group_id)
+            raise TransactionFailedError("no answer to the commit")
+        return await self._real.commit(records, offsets, group_id)
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["landed", "aborted"])
+@pytest.mark.parametrize("client", ["aiokafka", "confluent"])
+async def test_a_failed_commit_is_neither_lost_nor_repeated(
+    choreo_settings: ChoreoSettings, lands: bool, client: str
+) -> None:
+    # Given a runner (on either consumer client) whose first commit of records fails, after landing or without
+    choreo_settings = choreo_settings.model_copy(update={"consumer_client": client})
+    await ensure_topics(choreo_settings)
+    failed: list[str] = []
+    runner = TransactionalRunner(
+        choreo_settings,
+        Counting(),
+        make_transactions=lambda settings, transactional_id: FailsOnce(
+            transactions(settings, transactional_id), lands, failed
+        ),
+    )
+    running = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(runner.wait_assigned(), 60)
+        # When records arrive
+        await publish(choreo_settings, RECORDS)
+        # Then the counts its tasks keep add up to the records (once it has resumed after the failure)
+        await eventually(runner.lag, lambda behind: behind == 0, timeout=60)
+        await eventually(lambda: asyncio.sleep(0, kept_count(runner)), lambda kept: kept == RECORDS, timeout=60)
+        assert failed, "no commit failed"
+        # And each record is copied once, with its task's count
+        copied = await eventually(
+            lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60
+        )
+        assert sorted(row.value.split(b"#")[0] for row in copied) == sorted(
+            f"v-{index}".encode() for index in range(RECORDS)
+        )
+        by_partition: dict[int, list[int]] = {}
+        for row in copied:
+            by_partition.setdefault(row.partition, []).append(int(row.value.split(b"#")[1]))
+        assert all(sorted(seen) == list(range(1, len(seen) + 1)) for seen in by_partition.values())
     finally:
         runner.stop()
         await asyncio.wait_for(running, 60)

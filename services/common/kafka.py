@@ -14,6 +14,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 from aiokafka.partitioner import murmur2
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
+from confluent_kafka import KafkaError as ConfluentError
+from confluent_kafka import TopicPartition as ConfluentPartition
+from confluent_kafka.admin import AdminClient as ConfluentAdmin
 
 from services.common.settings import ChoreoSettings
 
@@ -58,6 +62,47 @@ def confluent_options(settings: ChoreoSettings) -> dict[str, Any]:
         options["sasl.username"] = settings.sasl_username
         options["sasl.password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
     return options
+
+
+# How long to wait for a transaction still committing a group's offsets.
+SETTLED_OFFSETS_TIMEOUT_S = 60.0
+UNSTABLE_RETRY_S = 0.05
+
+
+async def offsets_settled(
+    settings: ChoreoSettings,
+    group_id: str,
+    partitions: Sequence[TopicPartition],
+    timeout_s: float = SETTLED_OFFSETS_TIMEOUT_S,
+) -> None:
+    """Return once no transaction is still committing `group_id`'s offsets of `partitions`; raise
+    `KafkaException` if one still is after `timeout_s`.
+
+    Until the coordinator has written a taken commit out, a read of the offsets shows those from before
+    it, and whoever resumes from them does its work twice. A stable read (require_stable, KIP-447) is
+    refused meanwhile. aiokafka's OffsetFetch stops at v3, older than the option, so librdkafka asks;
+    only its answer's errors are looked at: it reads an offset's metadata as a C string, past the end of
+    one that another client wrote without a terminating NUL.
+    """
+    admin = ConfluentAdmin(confluent_options(settings))
+    asked = [ConfluentPartition(tp.topic, tp.partition) for tp in partitions]
+    request = [ConsumerGroupTopicPartitions(group_id, asked)]
+    deadline = time.monotonic() + timeout_s
+
+    def unsettled() -> Any:
+        try:
+            found = admin.list_consumer_group_offsets(request, require_stable=True)[group_id].result()
+        except KafkaException as exception:
+            error = exception.args[0] if exception.args else None
+            if isinstance(error, ConfluentError) and error.code() == ConfluentError.UNSTABLE_OFFSET_COMMIT:
+                return error
+            raise
+        return next((tp.error for tp in found.topic_partitions if tp.error is not None), None)
+
+    while (error := await asyncio.to_thread(unsettled)) is not None:
+        if time.monotonic() >= deadline:
+            raise KafkaException(error)
+        await asyncio.sleep(UNSTABLE_RETRY_S)
 
 
 def admin_client(settings: ChoreoSettings, **overrides: Any) -> AIOKafkaAdminClient:

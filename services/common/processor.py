@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from confluent_kafka import KafkaException
 from opentelemetry.trace import TracerProvider
 
 from schemas.deadletter import DeadLetter
@@ -49,7 +50,7 @@ from services.common.deadletters import dead_letter_headers
 from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
 from services.common.kafka import consumer as make_consumer
-from services.common.kafka import partition_for, topic_config
+from services.common.kafka import offsets_settled, partition_for, topic_config
 from services.common.metrics import MeteredApp, RunnerMetrics, Tally
 from services.common.runner_consumer import RunnerConsumer, runner_consumer
 from services.common.settings import ChoreoSettings
@@ -81,6 +82,8 @@ DEFAULT_DELETE_RETENTION_MS = 86_400_000
 # Fencing earlier owners normally takes well under a second; far longer means a broker call
 # hangs, and a member that never finishes its assignment holds its partitions hostage.
 FENCE_TIMEOUT_S = 60.0
+# How long to wait for a commit of the positions to be written out before their tags are read again.
+SETTLED_WAIT_S = 5.0
 ASSIGNMENT_POLL_S = 0.05
 IN_PROCESS_OFFSET = -1
 """The offset of a record handed over in process: it was never written to its topic."""
@@ -246,8 +249,10 @@ class TransactionalRunner:
         heap: HeapTrimmer | None = None,
         tracer_provider: TracerProvider | None = None,
         metrics: RunnerMetrics | None = None,
+        make_transactions: Callable[[ChoreoSettings, str], Transactions] = transactions,
     ) -> None:
         self.settings = settings
+        self._make_transactions = make_transactions
         self.app = app
         self.tick_interval = tick_interval
         self.max_batch = max_batch
@@ -418,12 +423,12 @@ class TransactionalRunner:
         if due or self._pending_records >= self.max_batch:
             await self._flush()
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, retake: bool = True) -> None:
         """Commit what was handled since the last commit (at once, whatever the interval)."""
         contexts, offsets, records = self._pending, self._pending_offsets, self._pending_records
         self._pending, self._pending_offsets, self._pending_records = {}, {}, 0
         if contexts or offsets:
-            await self._commit(contexts, offsets)
+            await self._commit(contexts, offsets, retake=retake)
             self.stats.records += records
 
     def _context(self, contexts: dict[int, TaskContext], partition: int) -> TaskContext:
@@ -504,8 +509,13 @@ class TransactionalRunner:
             self.stats.in_process += len(handed)
         return handed
 
-    async def _commit(self, contexts: dict[int, TaskContext], offsets: dict[TopicPartition, int]) -> None:
-        """One transaction for everything this instance did since the last one, or nothing of it."""
+    async def _commit(
+        self, contexts: dict[int, TaskContext], offsets: dict[TopicPartition, int], *, retake: bool = True
+    ) -> None:
+        """One transaction for everything this instance did since the last one, or nothing of it.
+
+        After a failed one the assignment is taken again (`retake`), unless it is being given up anyway.
+        """
         producer = self._producer
         assert producer is not None
         changes = {partition: self._stores[partition].pending_records() for partition in contexts}
@@ -546,12 +556,21 @@ class TransactionalRunner:
             await self._release_assignment()
             raise fenced from error
         except TransactionFailedError:
-            # The transaction was aborted: start again from what was committed.
-            log.exception("transaction failed; resuming from the last commit", extra={"service": self.app.name})
+            # A failed commit may still land: the coordinator can take the commit and its answer be
+            # lost. Redoing the batch from memory would then write it twice, so the stores and positions
+            # are read again from the broker, once the failed producer is fenced (which settles its
+            # transaction either way).
+            log.exception("transaction failed; resuming from what was committed", extra={"service": self.app.name})
             self.metrics.aborts.labels(self.app.name).inc()
             self._rollback()
-            await self._restart_producer()
-            self._rewind()
+            consumer = self._consumer
+            if retake and consumer is not None:
+                await self._take_assignment(sorted(consumer.assignment()), again=True)
+            else:
+                # Given up: settled before the next owner reads the positions, which it would otherwise
+                # wait for until the coordinator times the transaction out.
+                async with asyncio.timeout(FENCE_TIMEOUT_S):
+                    await self._fence(self._transactional_id)
             return
         self._positions = positions
         self._tagged = True
@@ -583,20 +602,11 @@ class TransactionalRunner:
             store.rollback()
         self._handover.rolled_back()
 
-    def _rewind(self) -> None:
-        """Move the consumer back to the committed positions, to redo an aborted batch."""
-        consumer = self._consumer
-        assert consumer is not None
-        for tp in consumer.assignment():
-            committed = self._positions.get(tp)
-            if committed is not None:
-                consumer.seek(tp, committed)
-        self._handover.rewound(self._positions)
-
     # --- assignment lifecycle -----------------------------------------------------------------
 
-    async def _take_assignment(self, assigned: Sequence[TopicPartition]) -> None:
-        """Fence every earlier owner of `assigned`, then restore its state and committed positions.
+    async def _take_assignment(self, assigned: Sequence[TopicPartition], *, again: bool = False) -> None:
+        """Fence every earlier owner of `assigned`, then restore its state and committed positions; `again`
+        when this instance already owns and has read them (a new assignment starts where nothing is read).
 
         A partition's committed offset carries the transactional id of the producer that committed
         it. Starting a producer with that id bumps its epoch: the earlier owner's open transaction is
@@ -604,14 +614,15 @@ class TransactionalRunner:
         Only then are the positions and the changelog read, so both are exactly what was committed.
         """
         await self._release_assignment()
+        previous = self._transactional_id
         self._assignments += 1
         self._transactional_id = f"{self.group_id}-{self._incarnation}-{self._assignments}"
-        self._producer = transactions(self.settings, self._transactional_id)
+        self._producer = self._make_transactions(self.settings, self._transactional_id)
         started = time.monotonic()
         async with asyncio.timeout(FENCE_TIMEOUT_S):
             await self._producer.start()
             producer_started = time.monotonic()
-            committed = await self._fence_previous_owners(list(assigned))
+            committed = await self._fence_previous_owners(list(assigned), {previous} - {""})
         fenced = time.monotonic()
         self._stores = await self._restore(sorted({tp.partition for tp in assigned}))
         log.info(
@@ -633,11 +644,22 @@ class TransactionalRunner:
             if position is not None:
                 consumer.seek(tp, position)
                 self._positions[tp] = position
+            elif again:
+                # Where the group's first reader starts: the consumer is past what it must read once more.
+                await consumer.seek_to_beginning(tp)
         # Read after the fence, so the ends include every request an earlier owner committed.
         handover = [tp for tp in assigned if tp.topic in self._in_process]
         self._handover.reset(await consumer.end_offsets(handover) if handover else {}, self._positions)
 
-    async def _fence_previous_owners(self, assigned: list[TopicPartition]) -> dict[TopicPartition, int]:
+    async def _fence_previous_owners(self, assigned: list[TopicPartition], own: set[str]) -> dict[TopicPartition, int]:
+        """The committed positions of `assigned`, read once every producer that may still write them is
+        fenced: the owners their tags name, and this instance's own earlier producer (`own`).
+
+        The own one is fenced whatever the tags say: its last commit may be taken but not yet written
+        out, and it may have failed on an answer that was lost. The positions are read once no commit of
+        them is still being written out; while one is, the tags are read again, since its producer is the
+        one they will name.
+        """
         fenced: set[str] = set()
         admin = make_admin(self.settings)
         await admin.start()
@@ -646,11 +668,18 @@ class TransactionalRunner:
                 found = await admin.list_consumer_group_offsets(self.group_id, partitions=assigned)
                 # librdkafka sends an offset's metadata with its C string's terminating NUL.
                 owners = {meta.metadata.rstrip("\0") for meta in found.values() if meta.offset >= 0 and meta.metadata}
-                unfenced = owners - fenced - {self._transactional_id}
-                if not unfenced:
+                unfenced = (owners | own) - fenced - {self._transactional_id}
+                if unfenced:
+                    await asyncio.gather(*(self._fence(owner) for owner in unfenced))
+                    fenced |= unfenced
+                    continue
+                try:
+                    await offsets_settled(self.settings, self.group_id, assigned, timeout_s=SETTLED_WAIT_S)
+                except KafkaException:
+                    continue  # still being written out
+                settled = await admin.list_consumer_group_offsets(self.group_id, partitions=assigned)
+                if settled == found:
                     return {tp: meta.offset for tp, meta in found.items() if meta.offset >= 0}
-                await asyncio.gather(*(self._fence(owner) for owner in unfenced))
-                fenced |= unfenced
         finally:
             await admin.close()
 
@@ -658,13 +687,6 @@ class TransactionalRunner:
         await fence(self.settings, transactional_id)
         self.metrics.fenced_owners.labels(self.app.name).inc()
         log.info("fenced an earlier owner", extra={"service": self.app.name, "transactional_id": transactional_id})
-
-    async def _restart_producer(self) -> None:
-        old = self._producer
-        assert old is not None
-        await old.stop()
-        self._producer = transactions(self.settings, self._transactional_id)
-        await self._producer.start()
 
     async def _restore(self, partitions: Sequence[int]) -> dict[int, KeyedStore]:
         """Each task's store, brought up to the changelog's end: from its checkpoint when the local
@@ -805,11 +827,6 @@ class _Handover:
     def rolled_back(self) -> None:
         self._sending.clear()
 
-    def rewound(self, positions: dict[TopicPartition, int]) -> None:
-        """The consumer reads again from `positions`: what lies past them is unread once more."""
-        self.backlogged |= {tp for tp, end in self._ends.items() if positions.get(tp, -1) < end}
-        self._read = {tp: positions[tp] for tp in self._read if tp in positions}
-
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, runner: TransactionalRunner) -> None:
@@ -819,10 +836,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # Waiting for the lock lets an in-flight batch commit before its partitions are handed over;
         # what was handled since is committed now, so the next owner need not redo it.
         async with self.runner._work_lock:
-            if self.runner._producer is not None:
-                self.runner.metrics.revocations.labels(self.runner.app.name).inc()
-                await self.runner._flush()
-            await self.runner._release_assignment()
+            try:
+                if self.runner._producer is not None:
+                    self.runner.metrics.revocations.labels(self.runner.app.name).inc()
+                    await self.runner._flush(retake=False)
+            finally:
+                await self.runner._release_assignment()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self.runner._work_lock:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from confluent_kafka import OFFSET_STORED, Consumer, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaException
 from confluent_kafka import KafkaError as ConfluentError
 from confluent_kafka import TopicPartition as ConfluentPartition
 
@@ -69,6 +69,9 @@ class RunnerConsumer(Protocol):
 
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
 
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        """Read `tp` again from its oldest record."""
+
     def assignment(self) -> set[TopicPartition]: ...
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]: ...
@@ -113,6 +116,9 @@ class AiokafkaRunnerConsumer:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(tp, offset)
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        await self._consumer.seek_to_beginning(tp)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
@@ -244,7 +250,7 @@ class ConfluentRunnerConsumer:
             self._assigning = None
         consumer.assign([ConfluentPartition(tp.topic, tp.partition, seeks.get(tp, OFFSET_STORED)) for tp in tps])
         self._assigned = set(tps)
-        self._starts = dict(seeks)
+        self._starts = {tp: offset for tp, offset in seeks.items() if offset >= 0}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[ConfluentPartition]) -> None:
         tps = [TopicPartition(p.topic, p.partition) for p in partitions]
@@ -278,6 +284,13 @@ class ConfluentRunnerConsumer:
             return
         self._client().seek(ConfluentPartition(tp.topic, tp.partition, offset))
         self._starts[tp] = offset
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        if self._assigning is not None:
+            self._assigning[tp] = OFFSET_BEGINNING
+            return
+        self._client().seek(ConfluentPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
+        self._starts.pop(tp, None)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
