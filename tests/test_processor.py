@@ -208,13 +208,15 @@ def kept_count(runner: TransactionalRunner) -> int:
 
 
 class FailsOnce:
-    """A real producer whose first commit of records is reported failed. With `lands` it is committed
-    first, as when the coordinator takes a commit and its answer is lost; without, nothing is sent."""
+    """A real producer of which one commit of records (the `fail_at`-th among every producer sharing
+    `commits`) is reported failed. With `lands` it is committed first, as when the coordinator takes a
+    commit and its answer is lost; without, nothing of it is sent."""
 
-    def __init__(self, real: Transactions, lands: bool, failed: list[str]) -> None:
+    def __init__(self, real: Transactions, lands: bool, commits: list[str], fail_at: int = 1) -> None:
         self._real = real
         self._lands = lands
-        self._failed = failed
+        self._commits = commits
+        self._fail_at = fail_at
         self.transactional_id = real.transactional_id
 
     async def start(self) -> None:
@@ -226,11 +228,12 @@ class FailsOnce:
     async def commit(
         self, records: Sequence[Outgoing], offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str
     ) -> list[Written]:
-        if records and not self._failed:
-            self._failed.append(self.transactional_id)
-            if self._lands:
-                await self._real.commit(records, offsets, group_id)
-            raise TransactionFailedError("no answer to the commit")
+        if records:
+            self._commits.append(self.transactional_id)
+            if len(self._commits) == self._fail_at:
+                if self._lands:
+                    await self._real.commit(records, offsets, group_id)
+                raise TransactionFailedError("no answer to the commit")
         return await self._real.commit(records, offsets, group_id)
 
 
@@ -242,12 +245,12 @@ async def test_a_failed_commit_is_neither_lost_nor_repeated(
     # Given a runner (on either consumer client) whose first commit of records fails, after landing or without
     choreo_settings = choreo_settings.model_copy(update={"consumer_client": client})
     await ensure_topics(choreo_settings)
-    failed: list[str] = []
+    commits: list[str] = []
     runner = TransactionalRunner(
         choreo_settings,
         Counting(),
         make_transactions=lambda settings, transactional_id: FailsOnce(
-            transactions(settings, transactional_id), lands, failed
+            transactions(settings, transactional_id), lands, commits
         ),
     )
     running = asyncio.create_task(runner.run())
@@ -258,7 +261,7 @@ async def test_a_failed_commit_is_neither_lost_nor_repeated(
         # Then the counts its tasks keep add up to the records (once it has resumed after the failure)
         await eventually(runner.lag, lambda behind: behind == 0, timeout=60)
         await eventually(lambda: asyncio.sleep(0, kept_count(runner)), lambda kept: kept == RECORDS, timeout=60)
-        assert failed, "no commit failed"
+        assert commits, "no commit failed"
         # And each record is copied once, with its task's count
         copied = await eventually(
             lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60
@@ -273,3 +276,61 @@ async def test_a_failed_commit_is_neither_lost_nor_repeated(
     finally:
         runner.stop()
         await asyncio.wait_for(running, 60)
+
+
+def one_key_per_partition(partitions: int) -> list[str]:
+    keys: dict[int, str] = {}
+    index = 0
+    while len(keys) < partitions:
+        keys.setdefault(partition_for(f"first-{index}".encode(), partitions), f"first-{index}")
+        index += 1
+    return sorted(keys.values())
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["landed", "aborted"])
+async def test_a_commit_that_fails_as_its_partitions_are_revoked_is_neither_lost_nor_repeated(
+    choreo_settings: ChoreoSettings, lands: bool
+) -> None:
+    # Given a runner that has committed a first record on every partition, then holds handled records
+    # within its commit interval, and whose commit of them fails
+    settings = choreo_settings.model_copy(update={"commit_interval": timedelta(minutes=10)})
+    await ensure_topics(settings)
+    commits: list[str] = []
+    first = TransactionalRunner(
+        settings,
+        Counting(),
+        make_transactions=lambda settings, transactional_id: FailsOnce(
+            transactions(settings, transactional_id), lands, commits, fail_at=2
+        ),
+    )
+    second = TransactionalRunner(settings, Counting())
+    firsts = one_key_per_partition(settings.partitions)
+    running = [asyncio.create_task(first.run())]
+    try:
+        await asyncio.wait_for(first.wait_assigned(), 60)
+        await publish_to(settings, ORDERS, [(key, key) for key in firsts])  # after a quiet interval: committed at once
+        await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) == len(firsts), timeout=60)
+        await publish(settings, RECORDS)
+        await eventually(first.lag, lambda behind: behind == 0, timeout=60)
+        # When a second instance joins, and the first commits what it held as its partitions are revoked
+        # (the first then takes some back, which its consumer starts to fetch before they are sought)
+        running.append(asyncio.create_task(second.run()))
+        # Then the two share the tasks, and the counts they keep add up to the records
+        await eventually(
+            lambda: asyncio.sleep(0, (kept_count(first), kept_count(second))),
+            lambda kept: min(kept) >= 0 and sum(kept) == RECORDS + len(firsts),
+            timeout=90,
+        )
+        assert len(commits) >= 2, "the commit at the revocation never came"
+        # And, once both have stopped (committing what they hold), each record is copied once
+        first.stop()
+        second.stop()
+        await asyncio.wait_for(asyncio.gather(*running), 60)
+        copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) >= RECORDS + len(firsts))
+        assert sorted(row.value.split(b"#")[0] for row in copied) == sorted(
+            [key.encode() for key in firsts] + [f"v-{index}".encode() for index in range(RECORDS)]
+        )
+    finally:
+        first.stop()
+        second.stop()
+        await asyncio.wait_for(asyncio.gather(*running), 60)

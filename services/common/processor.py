@@ -278,6 +278,8 @@ class TransactionalRunner:
         )
         self._assignments = 0
         self._positions: dict[TopicPartition, int] = {}
+        self._next_offsets: dict[TopicPartition, int | None] = {}
+        """Per assigned partition, the offset of the next record to read (None: whatever comes first)."""
         self._tagged = False
         """Whether a commit of this assignment has tagged every owned position yet."""
         self._commit_interval = settings.commit_interval.total_seconds()
@@ -394,8 +396,9 @@ class TransactionalRunner:
             return
         started = time.perf_counter()
         by_task: dict[int, dict[TopicPartition, list[Any]]] = {}
-        for tp, rows in batch.items():
-            if rows and tp.partition in self._stores:
+        for tp, fetched in batch.items():
+            rows = self._unread(tp, fetched)
+            if rows:
                 self._pending_offsets[tp] = rows[-1].offset + 1
                 self._pending_records += len(rows)
                 by_task.setdefault(tp.partition, {})[tp] = rows
@@ -422,6 +425,24 @@ class TransactionalRunner:
         due = time.monotonic() - self._last_commit >= self._commit_interval
         if due or self._pending_records >= self.max_batch:
             await self._flush()
+
+    def _unread(self, tp: TopicPartition, rows: list[Any]) -> list[Any]:
+        """What of `rows` this assignment has not read yet.
+
+        aiokafka starts fetching a new assignment from its own reading of the committed offsets while
+        the listener is still taking it, so a batch fetched then arrives before the listener's seek and
+        the same records again after it. Records of a partition not (yet) taken are dropped: the seek
+        that takes it reads them again.
+        """
+        if not rows or tp not in self._next_offsets:
+            return []
+        expected = self._next_offsets[tp]
+        if expected is not None and rows[0].offset < expected:
+            rows = [row for row in rows if row.offset >= expected]
+            if not rows:
+                return rows
+        self._next_offsets[tp] = rows[-1].offset + 1
+        return rows
 
     async def _flush(self, *, retake: bool = True) -> None:
         """Commit what was handled since the last commit (at once, whatever the interval)."""
@@ -565,7 +586,7 @@ class TransactionalRunner:
             self._rollback()
             consumer = self._consumer
             if retake and consumer is not None:
-                await self._take_assignment(sorted(consumer.assignment()), again=True)
+                await self._take_assignment(sorted(consumer.assignment()))
             else:
                 # Given up: settled before the next owner reads the positions, which it would otherwise
                 # wait for until the coordinator times the transaction out.
@@ -604,9 +625,9 @@ class TransactionalRunner:
 
     # --- assignment lifecycle -----------------------------------------------------------------
 
-    async def _take_assignment(self, assigned: Sequence[TopicPartition], *, again: bool = False) -> None:
-        """Fence every earlier owner of `assigned`, then restore its state and committed positions; `again`
-        when this instance already owns and has read them (a new assignment starts where nothing is read).
+    async def _take_assignment(self, assigned: Sequence[TopicPartition]) -> None:
+        """Fence every earlier owner of `assigned`, then restore its state and committed positions (also
+        when this instance owns and has read them already: after a failed commit).
 
         A partition's committed offset carries the transactional id of the producer that committed
         it. Starting a producer with that id bumps its epoch: the earlier owner's open transaction is
@@ -639,14 +660,16 @@ class TransactionalRunner:
         assert consumer is not None
         self._positions = {}
         self._tagged = False
+        # Every partition is positioned, read before or not: what the consumer fetched meanwhile is
+        # dropped (see `_unread`) and read again from here.
         for tp in assigned:
             position = committed.get(tp)
             if position is not None:
                 consumer.seek(tp, position)
                 self._positions[tp] = position
-            elif again:
-                # Where the group's first reader starts: the consumer is past what it must read once more.
-                await consumer.seek_to_beginning(tp)
+            else:
+                await consumer.seek_to_beginning(tp)  # where the group's first reader starts
+        self._next_offsets = dict.fromkeys(assigned, None) | self._positions
         # Read after the fence, so the ends include every request an earlier owner committed.
         handover = [tp for tp in assigned if tp.topic in self._in_process]
         self._handover.reset(await consumer.end_offsets(handover) if handover else {}, self._positions)
@@ -775,6 +798,7 @@ class TransactionalRunner:
         for partition, store in stores.items():
             self._store_factory.close(partition, store)
         self._positions = {}
+        self._next_offsets = {}
         self._handover.reset({}, {})
         producer, self._producer = self._producer, None
         if producer is not None:
