@@ -24,7 +24,7 @@ RECORDS = 60
 
 
 class Echo:
-    """Copies every input record to the audit topic and counts it in its state."""
+    """Copies every input record to the audit topic."""
 
     name = "echo"
     inputs: Sequence[Topic] = (ORDERS,)
@@ -180,13 +180,10 @@ class Count(msgspec.Struct, frozen=True):
     seen: int
 
 
-class Counting:
+class Counting(Echo):
     """Copies every input record to the audit topic with how many its task has seen, kept in its state."""
 
     name = "counting"
-    inputs: Sequence[Topic] = (ORDERS,)
-    changelog: Topic = AUDIT_STATE
-    in_process: Sequence[Topic] = ()
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         assert message.key is not None
@@ -194,9 +191,6 @@ class Counting:
         count = task.store.get("count", Count) or Count(0)
         task.store.put("count", Count(count.seen + 1))
         task.send(AUDIT, message.key.decode(), message.value + f"#{count.seen + 1}".encode())
-
-    def tick(self, task: TaskContext, now: datetime) -> None:
-        """No timers."""
 
 
 def kept_count(runner: TransactionalRunner) -> int:

@@ -667,8 +667,8 @@ class TransactionalRunner:
             if position is not None:
                 consumer.seek(tp, position)
                 self._positions[tp] = position
-            else:
-                await consumer.seek_to_beginning(tp)  # where the group's first reader starts
+        # Where the group's first reader starts.
+        await consumer.seek_to_beginning([tp for tp in assigned if tp not in self._positions])
         self._next_offsets = dict.fromkeys(assigned, None) | self._positions
         # Read after the fence, so the ends include every request an earlier owner committed.
         handover = [tp for tp in assigned if tp.topic in self._in_process]

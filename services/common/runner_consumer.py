@@ -69,8 +69,8 @@ class RunnerConsumer(Protocol):
 
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
 
-    async def seek_to_beginning(self, tp: TopicPartition) -> None:
-        """Read `tp` again from its oldest record."""
+    async def seek_to_beginning(self, tps: Sequence[TopicPartition]) -> None:
+        """Read each of `tps` (again) from its oldest record."""
 
     def assignment(self) -> set[TopicPartition]: ...
 
@@ -117,8 +117,9 @@ class AiokafkaRunnerConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(tp, offset)
 
-    async def seek_to_beginning(self, tp: TopicPartition) -> None:
-        await self._consumer.seek_to_beginning(tp)
+    async def seek_to_beginning(self, tps: Sequence[TopicPartition]) -> None:
+        if tps:  # aiokafka reads no partitions as every assigned one
+            await self._consumer.seek_to_beginning(*tps)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
@@ -285,12 +286,13 @@ class ConfluentRunnerConsumer:
         self._client().seek(ConfluentPartition(tp.topic, tp.partition, offset))
         self._starts[tp] = offset
 
-    async def seek_to_beginning(self, tp: TopicPartition) -> None:
-        if self._assigning is not None:
-            self._assigning[tp] = OFFSET_BEGINNING
-            return
-        self._client().seek(ConfluentPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
-        self._starts.pop(tp, None)
+    async def seek_to_beginning(self, tps: Sequence[TopicPartition]) -> None:
+        for tp in tps:
+            if self._assigning is not None:
+                self._assigning[tp] = OFFSET_BEGINNING
+                continue
+            self._client().seek(ConfluentPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
+            self._starts.pop(tp, None)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
