@@ -231,6 +231,19 @@ class FailsOnce:
         return await self._real.commit(records, offsets, group_id)
 
 
+def counting_with_a_failed_commit(
+    settings: ChoreoSettings, lands: bool, commits: list[str], fail_at: int = 1
+) -> TransactionalRunner:
+    """A `Counting` runner whose producers fail the `fail_at`-th commit of records (see `FailsOnce`)."""
+    return TransactionalRunner(
+        settings,
+        Counting(),
+        make_transactions=lambda settings, transactional_id: FailsOnce(
+            transactions(settings, transactional_id), lands, commits, fail_at
+        ),
+    )
+
+
 @pytest.mark.parametrize("lands", [True, False], ids=["landed", "aborted"])
 @pytest.mark.parametrize("client", ["aiokafka", "confluent"])
 async def test_a_failed_commit_is_neither_lost_nor_repeated(
@@ -240,13 +253,7 @@ async def test_a_failed_commit_is_neither_lost_nor_repeated(
     choreo_settings = choreo_settings.model_copy(update={"consumer_client": client})
     await ensure_topics(choreo_settings)
     commits: list[str] = []
-    runner = TransactionalRunner(
-        choreo_settings,
-        Counting(),
-        make_transactions=lambda settings, transactional_id: FailsOnce(
-            transactions(settings, transactional_id), lands, commits
-        ),
-    )
+    runner = counting_with_a_failed_commit(choreo_settings, lands, commits)
     running = asyncio.create_task(runner.run())
     try:
         await asyncio.wait_for(runner.wait_assigned(), 60)
@@ -290,13 +297,7 @@ async def test_a_commit_that_fails_as_its_partitions_are_revoked_is_neither_lost
     settings = choreo_settings.model_copy(update={"commit_interval": timedelta(minutes=10)})
     await ensure_topics(settings)
     commits: list[str] = []
-    first = TransactionalRunner(
-        settings,
-        Counting(),
-        make_transactions=lambda settings, transactional_id: FailsOnce(
-            transactions(settings, transactional_id), lands, commits, fail_at=2
-        ),
-    )
+    first = counting_with_a_failed_commit(settings, lands, commits, fail_at=2)
     second = TransactionalRunner(settings, Counting())
     firsts = one_key_per_partition(settings.partitions)
     running = [asyncio.create_task(first.run())]

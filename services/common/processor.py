@@ -278,8 +278,6 @@ class TransactionalRunner:
         )
         self._assignments = 0
         self._positions: dict[TopicPartition, int] = {}
-        self._next_offsets: dict[TopicPartition, int | None] = {}
-        """Per assigned partition, the offset of the next record to read (None: whatever comes first)."""
         self._tagged = False
         """Whether a commit of this assignment has tagged every owned position yet."""
         self._commit_interval = settings.commit_interval.total_seconds()
@@ -434,14 +432,13 @@ class TransactionalRunner:
         the same records again after it. Records of a partition not (yet) taken are dropped: the seek
         that takes it reads them again.
         """
-        if not rows or tp not in self._next_offsets:
+        if not rows or tp.partition not in self._stores:
             return []
-        expected = self._next_offsets[tp]
+        # The next to read: past what was handled since the last commit, else the committed position
+        # (none yet: whatever comes first).
+        expected = self._pending_offsets.get(tp, self._positions.get(tp))
         if expected is not None and rows[0].offset < expected:
-            rows = [row for row in rows if row.offset >= expected]
-            if not rows:
-                return rows
-        self._next_offsets[tp] = rows[-1].offset + 1
+            return [row for row in rows if row.offset >= expected]
         return rows
 
     async def _flush(self, *, retake: bool = True) -> None:
@@ -669,7 +666,6 @@ class TransactionalRunner:
                 self._positions[tp] = position
         # Where the group's first reader starts.
         await consumer.seek_to_beginning([tp for tp in assigned if tp not in self._positions])
-        self._next_offsets = dict.fromkeys(assigned, None) | self._positions
         # Read after the fence, so the ends include every request an earlier owner committed.
         handover = [tp for tp in assigned if tp.topic in self._in_process]
         self._handover.reset(await consumer.end_offsets(handover) if handover else {}, self._positions)
@@ -798,7 +794,6 @@ class TransactionalRunner:
         for partition, store in stores.items():
             self._store_factory.close(partition, store)
         self._positions = {}
-        self._next_offsets = {}
         self._handover.reset({}, {})
         producer, self._producer = self._producer, None
         if producer is not None:

@@ -287,10 +287,10 @@ class ConfluentRunnerConsumer:
         self._starts[tp] = offset
 
     async def seek_to_beginning(self, tps: Sequence[TopicPartition]) -> None:
+        if self._assigning is not None:
+            self._assigning.update(dict.fromkeys(tps, OFFSET_BEGINNING))
+            return
         for tp in tps:
-            if self._assigning is not None:
-                self._assigning[tp] = OFFSET_BEGINNING
-                continue
             self._client().seek(ConfluentPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
             self._starts.pop(tp, None)
 
