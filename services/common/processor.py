@@ -85,6 +85,10 @@ FENCE_TIMEOUT_S = 60.0
 # How long to wait for a commit of the positions to be written out before their tags are read again.
 SETTLED_WAIT_S = 5.0
 ASSIGNMENT_POLL_S = 0.05
+# How long the offsets of records that changed nothing may wait for a transaction that writes something. Each
+# transaction costs the broker a commit and a marker per partition, and skipped records (every reader of
+# `orders` but inventory skips each OrderPlaced) would otherwise start one of their own.
+OFFSETS_ONLY_INTERVAL_S = 1.0
 IN_PROCESS_OFFSET = -1
 """The offset of a record handed over in process: it was never written to its topic."""
 
@@ -330,13 +334,15 @@ class TransactionalRunner:
                     continue
                 # Wait no longer than the next tick (or commit) is due, so timers fire on time under any load.
                 wait = self._last_tick + self.tick_interval - time.monotonic()
-                if self._pending:
-                    wait = min(wait, self._last_commit + self._commit_interval - time.monotonic())
-                    if self._paced_reads and wait > 0:
+                commit_due = self._commit_due()
+                if commit_due is not None:
+                    wait = min(wait, commit_due - time.monotonic())
+                    if self._paced_reads and wait > 0 and self._has_effects():
                         # What arrives meanwhile would wait for the same commit: read it all when it is due.
                         await asyncio.sleep(wait)
                         wait = 0.0
-                batch = await consumer.getmany(timeout_ms=int(max(0.0, wait) * 1000))
+                # Rounded up: a wait rounded down to 0 ms would poll again and again until the commit is due.
+                batch = await consumer.getmany(timeout_ms=math.ceil(max(0.0, wait) * 1000))
                 async with self._work_lock:
                     await self._process(batch)
                 self.heap.trim_if_due()
@@ -418,11 +424,29 @@ class TransactionalRunner:
         if self._handover.backlogged:
             for tp in list(self._handover.backlogged):
                 self._handover.positioned(tp, await consumer.position(tp))
-        # At most one transaction per interval, the first at once: a lone record is never held back,
-        # while under load the records of one interval share one transaction.
-        due = time.monotonic() - self._last_commit >= self._commit_interval
-        if due or self._pending_records >= self.max_batch:
+        commit_due = self._commit_due()
+        if (commit_due is not None and time.monotonic() >= commit_due) or self._pending_records >= self.max_batch:
             await self._flush()
+
+    def _commit_due(self) -> float | None:
+        """When what was handled since the last commit is to be committed (monotonic); None if nothing was.
+
+        At most one transaction per interval, the first at once: a lone record is never held back, while
+        under load the records of one interval share one transaction. Records that changed nothing (skipped,
+        or ignored by their handler) leave only their offsets to commit, which no reader waits for: those
+        ride along with the next transaction that writes something, or go alone after `OFFSETS_ONLY_INTERVAL_S`.
+        """
+        if not self._pending and not self._pending_offsets:
+            return None
+        if self._has_effects():
+            return self._last_commit + self._commit_interval
+        return self._last_commit + max(self._commit_interval, OFFSETS_ONLY_INTERVAL_S)
+
+    def _has_effects(self) -> bool:
+        """Whether the open transaction does anything: records to send, state changes or work after it commits."""
+        return any(
+            context.outbox or context.store.dirty or context.tally.callbacks for context in self._pending.values()
+        )
 
     def _unread(self, tp: TopicPartition, rows: list[Any]) -> list[Any]:
         """What of `rows` this assignment has not read yet.

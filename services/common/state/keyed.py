@@ -156,6 +156,11 @@ class KeyedStore:
         self._dirty[key] = (None, None)
         self._decoded.pop(key, None)
 
+    @property
+    def dirty(self) -> bool:
+        """Whether the open transaction changed anything."""
+        return bool(self._dirty)
+
     def pending_records(self) -> list[ChangelogRecord]:
         """What the open transaction changed, as changelog records."""
         return [ChangelogRecord(key, value, expiry) for key, (value, expiry) in self._dirty.items()]
