@@ -103,17 +103,19 @@ def decode(
 ) -> Envelope | None:
     """The message's envelope, or None after dead-lettering it with the reason.
 
-    With `handles`, an event a service wrote whose `ce_type` header names a type not among them is
-    skipped unparsed (None, nothing dead-lettered): the service would ignore it anyway. Whatever a
-    client wrote is parsed and validated whole; a client's record on another partition than its
-    key's is sent on to the right one (see `Topic.routed_by`), and `rejected` hears the reason when
-    a client's record is invalid.
+    With `handles`, an event whose `ce_type` header names a type not among them is skipped unparsed
+    (None, nothing dead-lettered): the service would ignore it anyway. Only a client topic's router
+    parses and validates whole whatever a client wrote; a client's record on another partition than
+    its key's is sent on to the right one (see `Topic.routed_by`), and `rejected` hears the reason
+    when a client's record is invalid.
     """
     topic = message.topic
-    if topic.written_by_clients:
-        if _elsewhere(task, message):
-            return None
-    elif handles is not None and ignored(message, handles):
+    if topic.written_by_clients and _elsewhere(task, message):
+        return None
+    # A client's record is parsed whole by its router, which dead-letters one whose `ce_type` names another
+    # type than its body (`_checked`): the topic's other readers may then skip by the header as well.
+    skippable = not topic.written_by_clients or topic.routed_by != task.service
+    if skippable and handles is not None and ignored(message, handles):
         task.mark(SKIPPED)
         return None
     checked = _checked(task, message)
@@ -154,11 +156,24 @@ def _checked(task: TaskContext, message: Incoming) -> Envelope | str:
     if message.key != envelope.key:
         return f"key: the record key must equal order_id {envelope.order_id!r}"
     if message.topic.written_by_clients:
-        return envelope  # its key's partition was checked before it was parsed (`_elsewhere`)
+        # Its key's partition was checked before it was parsed (`_elsewhere`).
+        return _mislabelled(message, envelope) or envelope
     expected = partition_for(envelope.key, task.settings.partitions)
     if expected != message.partition:
         return _misplaced(envelope.key, expected, message.partition)
     return envelope
+
+
+def _mislabelled(message: Incoming, envelope: Envelope) -> str | None:
+    """Why a client's record is invalid when its `ce_type` header names another type than its body: the
+    topic's other readers skip by that header, so acting on the body would split the saga."""
+    named = message.header(CE_TYPE)
+    if named is None or named == envelope.type.encode():
+        return None
+    return (
+        f"header: ce_type {named.decode(errors='replace')!r} does not name the event's type {envelope.type!r}; "
+        "send the event's type or no ce_type header"
+    )
 
 
 def ignored(message: Incoming, handles: Collection[type[Event]]) -> bool:
