@@ -77,6 +77,36 @@ async def test_a_commit_interval_carries_many_records_in_one_transaction(choreo_
         await asyncio.wait_for(running, 60)
 
 
+class Skipping(Echo):
+    """Copies only the records whose value ends in `-copy`: every other one changes nothing."""
+
+    def process(self, task: TaskContext, message: Incoming) -> None:
+        if message.value is not None and message.value.endswith(b"-copy"):
+            super().process(task, message)
+
+
+async def test_records_that_change_nothing_start_no_transaction_of_their_own(choreo_settings: ChoreoSettings) -> None:
+    # Given a runner with the default commit interval that writes nothing for the records it skips
+    await ensure_topics(choreo_settings)
+    runner = TransactionalRunner(choreo_settings, Skipping())
+    running = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(runner.wait_assigned(), 60)
+        # When such records arrive one by one, 20 ms apart (a transaction each, were offsets alone one)
+        await publish(choreo_settings, RECORDS, pause_s=0.02)
+        # Then their offsets are committed all the same, in far fewer transactions than records
+        group = choreo_settings.group(Skipping.name)
+        await eventually(lambda: committed_total(choreo_settings, group), lambda total: total == RECORDS, timeout=60)
+        assert 1 <= runner.stats.transactions < RECORDS / 4
+        # And a record that writes something is committed within the interval, as ever
+        await publish_to(choreo_settings, ORDERS, [("k-last", "last-copy")])
+        copied = await eventually(lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) == 1, timeout=60)
+        assert copied[0].value == b"last-copy"
+    finally:
+        runner.stop()
+        await asyncio.wait_for(running, 60)
+
+
 async def test_a_clean_stop_commits_what_the_interval_still_held(choreo_settings: ChoreoSettings) -> None:
     # Given a runner whose interval is far longer than the test, which has just committed (a record
     # after a quiet interval commits at once)
