@@ -4,7 +4,8 @@ what a failed commit leaves, and when a request between two stages skips its top
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 import msgspec
@@ -54,6 +55,18 @@ async def publish(settings: ChoreoSettings, count: int, *, pause_s: float = 0.0)
         await producer.stop()
 
 
+@asynccontextmanager
+async def assigned(runner: TransactionalRunner) -> AsyncIterator[TransactionalRunner]:
+    """`runner` running and assigned its tasks; stopped, and awaited, on the way out."""
+    running = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(runner.wait_assigned(), 60)
+        yield runner
+    finally:
+        runner.stop()
+        await asyncio.wait_for(running, 60)
+
+
 async def committed_total(settings: ChoreoSettings, group: str) -> int:
     return sum(offset for offset in (await committed_offsets(settings, group)).values() if offset > 0)
 
@@ -63,18 +76,13 @@ async def test_a_commit_interval_carries_many_records_in_one_transaction(choreo_
     settings = choreo_settings.model_copy(update={"commit_interval": timedelta(seconds=2)})
     await ensure_topics(settings)
     runner = TransactionalRunner(settings, Echo())
-    running = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(runner.wait_assigned(), 60)
+    async with assigned(runner):
         # When records arrive one by one, 20 ms apart (without the interval, a transaction each)
         await publish(settings, RECORDS, pause_s=0.02)
         # Then every one is copied, in far fewer transactions than records
         copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60)
         assert sorted(row.value for row in copied) == sorted(f"v-{index}".encode() for index in range(RECORDS))
         assert 1 <= runner.stats.transactions < RECORDS / 4
-    finally:
-        runner.stop()
-        await asyncio.wait_for(running, 60)
 
 
 class Skipping(Echo):
@@ -89,9 +97,7 @@ async def test_records_that_change_nothing_start_no_transaction_of_their_own(cho
     # Given a runner with the default commit interval that writes nothing for the records it skips
     await ensure_topics(choreo_settings)
     runner = TransactionalRunner(choreo_settings, Skipping())
-    running = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(runner.wait_assigned(), 60)
+    async with assigned(runner):
         # When such records arrive one by one, 20 ms apart (a transaction each, were offsets alone one)
         await publish(choreo_settings, RECORDS, pause_s=0.02)
         # Then their offsets are committed all the same, in far fewer transactions than records
@@ -102,9 +108,6 @@ async def test_records_that_change_nothing_start_no_transaction_of_their_own(cho
         await publish_to(choreo_settings, ORDERS, [("k-last", "last-copy")])
         copied = await eventually(lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) == 1, timeout=60)
         assert copied[0].value == b"last-copy"
-    finally:
-        runner.stop()
-        await asyncio.wait_for(running, 60)
 
 
 async def test_a_clean_stop_commits_what_the_interval_still_held(choreo_settings: ChoreoSettings) -> None:
@@ -166,9 +169,7 @@ async def test_a_request_to_an_own_task_is_handed_over_without_its_topic(choreo_
     # Given one runner, which owns every task
     await ensure_topics(choreo_settings)
     runner = TransactionalRunner(choreo_settings, TwoStages())
-    running = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(runner.wait_assigned(), 60)
+    async with assigned(runner):
         # When orders ask SKU stages
         await publish_to(choreo_settings, ORDERS, [(f"o-{index}", f"sku-{index % 7}") for index in range(RECORDS)])
         # Then every request is answered, and none went through the request topic
@@ -178,9 +179,6 @@ async def test_a_request_to_an_own_task_is_handed_over_without_its_topic(choreo_
         assert sorted(row.value for row in logged) == sorted(f"o-{index}".encode() for index in range(RECORDS))
         assert await read_topic(choreo_settings, STOCK_REQUESTS) == []
         assert runner.stats.in_process == RECORDS
-    finally:
-        runner.stop()
-        await asyncio.wait_for(running, 60)
 
 
 async def test_requests_already_on_the_topic_are_not_overtaken(choreo_settings: ChoreoSettings) -> None:
@@ -191,8 +189,7 @@ async def test_requests_already_on_the_topic_are_not_overtaken(choreo_settings: 
     await publish_to(choreo_settings, STOCK_REQUESTS, [("sku-x", f"old-{index}") for index in range(5)])
     # When a runner takes over every task
     runner = TransactionalRunner(choreo_settings, TwoStages())
-    running = asyncio.create_task(runner.run())
-    try:
+    async with assigned(runner):
         logged = await eventually(lambda: read_topic(choreo_settings, AUDIT), lambda rows: len(rows) >= 10, timeout=60)
         # Then the SKU stage takes the old requests before the new ones, which went through the topic behind them
         assert [row.value.decode()[:3] for row in logged] == ["old"] * 5 + ["new"] * 5
@@ -201,9 +198,6 @@ async def test_requests_already_on_the_topic_are_not_overtaken(choreo_settings: 
         await publish_to(choreo_settings, ORDERS, [("later", "sku-x")])
         await eventually(lambda: asyncio.sleep(0, runner.stats.in_process), lambda count: count == 1, timeout=60)
         assert partition_for(b"sku-x", choreo_settings.partitions) in runner.partitions
-    finally:
-        runner.stop()
-        await asyncio.wait_for(running, 60)
 
 
 class Count(msgspec.Struct, frozen=True):
@@ -284,9 +278,7 @@ async def test_a_failed_commit_is_neither_lost_nor_repeated(
     await ensure_topics(choreo_settings)
     commits: list[str] = []
     runner = counting_with_a_failed_commit(choreo_settings, lands, commits)
-    running = asyncio.create_task(runner.run())
-    try:
-        await asyncio.wait_for(runner.wait_assigned(), 60)
+    async with assigned(runner):
         # When records arrive
         await publish(choreo_settings, RECORDS)
         # Then the counts its tasks keep add up to the records (once it has resumed after the failure)
@@ -304,9 +296,6 @@ async def test_a_failed_commit_is_neither_lost_nor_repeated(
         for row in copied:
             by_partition.setdefault(row.partition, []).append(int(row.value.split(b"#")[1]))
         assert all(sorted(seen) == list(range(1, len(seen) + 1)) for seen in by_partition.values())
-    finally:
-        runner.stop()
-        await asyncio.wait_for(running, 60)
 
 
 def one_key_per_partition(partitions: int) -> list[str]:
