@@ -110,6 +110,34 @@ async def test_records_that_change_nothing_start_no_transaction_of_their_own(cho
         assert copied[0].value == b"last-copy"
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["held", "not-held"])
+async def test_held_fetches_bring_an_interval_s_arrivals_in_one_read(
+    choreo_settings: ChoreoSettings, held: bool
+) -> None:
+    # Given a runner that commits at most every 300 ms, whose fetches the broker may hold that long
+    settings = choreo_settings.model_copy(
+        update={
+            "commit_interval": timedelta(milliseconds=300),
+            "fetch_max_wait": timedelta(milliseconds=500),
+            "held_fetches": held,
+        }
+    )
+    await ensure_topics(settings)
+    runner = TransactionalRunner(settings, Echo())
+    async with assigned(runner):
+        # When records arrive one by one, 20 ms apart (15 in each interval)
+        await publish(settings, RECORDS, pause_s=0.02)
+        # Then every one is copied
+        copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60)
+        assert sorted(row.value for row in copied) == sorted(f"v-{index}".encode() for index in range(RECORDS))
+    # And held fetches read them a few reads an interval, where fetches that return at the first record
+    # read nearly each on its own
+    if held:
+        assert runner.stats.reads < RECORDS / 3
+    else:
+        assert runner.stats.reads > RECORDS / 2
+
+
 async def test_a_clean_stop_commits_what_the_interval_still_held(choreo_settings: ChoreoSettings) -> None:
     # Given a runner whose interval is far longer than the test, which has just committed (a record
     # after a quiet interval commits at once)

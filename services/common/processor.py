@@ -227,7 +227,10 @@ def _b64(raw: bytes | None) -> str | None:
 
 @dataclass
 class RunnerStats:
+    reads: int = 0
+    """Polls of the consumer that brought records."""
     batches: int = 0
+    """A task's records of one read."""
     records: int = 0
     transactions: int = 0
     restored_records: int = 0
@@ -291,6 +294,7 @@ class TransactionalRunner:
         self._pending_offsets: dict[TopicPartition, int] = {}
         self._pending_records = 0
         self._last_commit = -math.inf
+        self._commit_began = -math.inf
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
@@ -322,6 +326,8 @@ class TransactionalRunner:
         consumer = runner_consumer(self.settings, self.group_id, self.max_batch)
         self._consumer = consumer
         await consumer.start(list(self._topics_by_name), _Rebalance(self))
+        if self.settings.held_fetches:
+            consumer.hold_fetches(self._fetch_deadline)
         log.info("service started", extra={"service": self.app.name, "group": self.group_id})
         try:
             while not self._stopping.is_set():
@@ -419,6 +425,7 @@ class TransactionalRunner:
                 self.app.tick(context, now)
                 self._dispatch(self._hand_over(context, sent))
         self.stats.batches += len(by_task)
+        self.stats.reads += bool(by_task)
         if by_task:
             self.metrics.batch_handled(started)
         if self._handover.backlogged:
@@ -441,6 +448,14 @@ class TransactionalRunner:
         if self._has_effects():
             return self._last_commit + self._commit_interval
         return self._last_commit + max(self._commit_interval, OFFSETS_ONLY_INTERVAL_S)
+
+    def _fetch_deadline(self) -> float:
+        """The soonest a record fetched now can be committed, so that a fetch held until then delays none.
+
+        The next commit is due an interval after the last one ended; while one is in flight, an interval
+        after it began is the soonest its end can make it.
+        """
+        return max(self._last_commit, self._commit_began) + self._commit_interval
 
     def _has_effects(self) -> bool:
         """Whether the open transaction does anything: records to send, state changes or work after it commits."""
@@ -581,6 +596,7 @@ class TransactionalRunner:
             if changes[partition]:
                 last_changelog_write[partition] = len(records) - 1
         commit_started = time.perf_counter()
+        self._commit_began = time.monotonic()
         try:
             # Whoever takes a partition over reads from the tag which producer it must fence.
             written = await producer.commit(

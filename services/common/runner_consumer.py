@@ -23,6 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaExce
 from confluent_kafka import KafkaError as ConfluentError
 from confluent_kafka import TopicPartition as ConfluentPartition
 
+from services.common.held_fetches import Deadline, hold_fetches
 from services.common.kafka import confluent_options
 from services.common.kafka import consumer as make_aiokafka_consumer
 from services.common.metrics import fetched_lag
@@ -80,6 +81,10 @@ class RunnerConsumer(Protocol):
         """(partition, records behind) of each assigned partition, as last fetched."""
         ...
 
+    def hold_fetches(self, deadline: Deadline) -> None:
+        """Have the broker hold each fetch until just before `deadline()`, when that names a time
+        (`services.common.held_fetches`); a client that cannot change a fetch's wait ignores it."""
+
 
 class AiokafkaRunnerConsumer:
     def __init__(self, settings: ChoreoSettings, group_id: str, max_batch: int) -> None:
@@ -130,6 +135,9 @@ class AiokafkaRunnerConsumer:
 
     def fetched_lag(self) -> Iterator[tuple[TopicPartition, int]]:
         return fetched_lag(self._consumer)
+
+    def hold_fetches(self, deadline: Deadline) -> None:
+        hold_fetches(self._consumer._fetcher, deadline)
 
 
 class ConfluentRunnerConsumer:
@@ -318,6 +326,9 @@ class ConfluentRunnerConsumer:
             position = consumer.position([partition])[0].offset
             if high >= 0 and position >= 0:
                 yield tp, max(0, high - position)
+
+    def hold_fetches(self, deadline: Deadline) -> None:
+        """librdkafka sets a fetch's wait once, for the consumer's life: its fetches are not held."""
 
 
 # Answers a partition's leader gives while it moves (a new topic, a broker restarting): asked again.

@@ -88,6 +88,7 @@ def runner_report(runner: TransactionalRunner) -> Callable[[], tuple[bool, dict[
             # Which transaction coordinator serves this instance follows from it (and an operator can look it up).
             "transactional_id": runner.transactional_id,
             "records": runner.stats.records,
+            "reads": runner.stats.reads,
             "batches": runner.stats.batches,
             "restored_records": runner.stats.restored_records,
             "restore_seconds": round(runner.stats.restore_seconds, 3),

@@ -85,6 +85,12 @@ class ChoreoSettings(BaseSettings):
         description="While handled records wait for their commit, read again only when it is due: one read of "
         "everything that arrived per commit interval, instead of one per arrival.",
     )
+    held_fetches: bool = Field(
+        default=True,
+        description="While handled records wait for their commit, the broker holds each fetch until just "
+        "before the commit is due and answers once with all that arrived: one fetch per commit instead of one per "
+        "arrival (aiokafka consumers only).",
+    )
     fetch_max_wait: Duration = Field(
         default=timedelta(milliseconds=100),
         description="Longest time the broker holds a service's fetch for `CHOREO_FETCH_MIN_BYTES` to arrive.",
