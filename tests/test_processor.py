@@ -71,6 +71,13 @@ async def committed_total(settings: ChoreoSettings, group: str) -> int:
     return sum(offset for offset in (await committed_offsets(settings, group)).values() if offset > 0)
 
 
+async def copy_records_arriving_apart(settings: ChoreoSettings) -> None:
+    """Publish `RECORDS` records one by one, 20 ms apart, and wait until the runner has copied every one."""
+    await publish(settings, RECORDS, pause_s=0.02)
+    copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60)
+    assert sorted(row.value for row in copied) == sorted(f"v-{index}".encode() for index in range(RECORDS))
+
+
 async def test_a_commit_interval_carries_many_records_in_one_transaction(choreo_settings: ChoreoSettings) -> None:
     # Given a runner that commits at most every 2 s
     settings = choreo_settings.model_copy(update={"commit_interval": timedelta(seconds=2)})
@@ -78,10 +85,8 @@ async def test_a_commit_interval_carries_many_records_in_one_transaction(choreo_
     runner = TransactionalRunner(settings, Echo())
     async with assigned(runner):
         # When records arrive one by one, 20 ms apart (without the interval, a transaction each)
-        await publish(settings, RECORDS, pause_s=0.02)
         # Then every one is copied, in far fewer transactions than records
-        copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60)
-        assert sorted(row.value for row in copied) == sorted(f"v-{index}".encode() for index in range(RECORDS))
+        await copy_records_arriving_apart(settings)
         assert 1 <= runner.stats.transactions < RECORDS / 4
 
 
@@ -126,10 +131,8 @@ async def test_held_fetches_bring_an_interval_s_arrivals_in_one_read(
     runner = TransactionalRunner(settings, Echo())
     async with assigned(runner):
         # When records arrive one by one, 20 ms apart (15 in each interval)
-        await publish(settings, RECORDS, pause_s=0.02)
         # Then every one is copied
-        copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) >= RECORDS, timeout=60)
-        assert sorted(row.value for row in copied) == sorted(f"v-{index}".encode() for index in range(RECORDS))
+        await copy_records_arriving_apart(settings)
     # And held fetches read them a few reads an interval, where fetches that return at the first record
     # read nearly each on its own
     if held:
