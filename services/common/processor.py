@@ -595,7 +595,6 @@ class TransactionalRunner:
             ]
             if changes[partition]:
                 last_changelog_write[partition] = len(records) - 1
-        commit_started = time.perf_counter()
         self._commit_began = time.monotonic()
         try:
             # Whoever takes a partition over reads from the tag which producer it must fence.
@@ -645,7 +644,7 @@ class TransactionalRunner:
             self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
         self._last_commit = time.monotonic()
-        self._committed(contexts.values(), time.perf_counter() - commit_started)
+        self._committed(contexts.values(), self._last_commit - self._commit_began)
 
     def _committed(self, contexts: Iterable[TaskContext], commit_seconds: float) -> None:
         """What follows a successful commit only: its counts, and each batch's `after_commit` callbacks."""

@@ -87,9 +87,9 @@ class ChoreoSettings(BaseSettings):
     )
     held_fetches: bool = Field(
         default=True,
-        description="While handled records wait for their commit, the broker holds each fetch until just "
-        "before the commit is due and answers once with all that arrived: one fetch per commit instead of one per "
-        "arrival (aiokafka consumers only).",
+        description="A fetch sent before the commit interval is up is held by the broker until just before "
+        "then and answered once, with all that arrived: one fetch per commit instead of one per arrival "
+        "(aiokafka consumers only).",
     )
     fetch_max_wait: Duration = Field(
         default=timedelta(milliseconds=100),
