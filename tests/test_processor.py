@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from aiokafka import TopicPartition
 
-from schemas.topics import AUDIT, AUDIT_STATE, ORDERS, STOCK_REQUESTS, Topic
+from schemas.topics import AUDIT, AUDIT_STATE, ORDERS, PAYMENT_EVENTS, STOCK_REQUESTS, Topic
 from services.common.kafka import partition_for
 from services.common.kafka import producer as make_producer
 from services.common.processor import Incoming, TaskContext, TransactionalRunner
@@ -31,6 +31,7 @@ class Echo:
     inputs: Sequence[Topic] = (ORDERS,)
     changelog: Topic = AUDIT_STATE
     in_process: Sequence[Topic] = ()
+    mostly_skipped: Sequence[Topic] = ()
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         assert message.key is not None
@@ -141,6 +142,41 @@ async def test_held_fetches_bring_an_interval_s_arrivals_in_one_read(
         assert runner.stats.reads > RECORDS / 2
 
 
+class SkippingOrders(Skipping):
+    """Reads orders mostly to skip them, beside a topic it would act on."""
+
+    inputs: Sequence[Topic] = (ORDERS, PAYMENT_EVENTS)
+    mostly_skipped: Sequence[Topic] = (ORDERS,)
+
+
+class SkippingUndeclared(SkippingOrders):
+    mostly_skipped: Sequence[Topic] = ()
+
+
+@pytest.mark.parametrize("app", [SkippingOrders, SkippingUndeclared], ids=["declared", "undeclared"])
+async def test_inputs_mostly_skipped_are_read_once_an_interval_not_at_each_arrival(
+    choreo_settings: ChoreoSettings, app: type[SkippingOrders]
+) -> None:
+    # Given a runner that commits at most every 300 ms, with nothing to commit but offsets
+    settings = choreo_settings.model_copy(update={"commit_interval": timedelta(milliseconds=300)})
+    await ensure_topics(settings)
+    runner = TransactionalRunner(settings, app())
+    async with assigned(runner):
+        # When records it skips arrive on orders one by one, 20 ms apart (15 in each interval)
+        await publish(settings, RECORDS, pause_s=0.02)
+        await eventually(runner.lag, lambda behind: behind == 0, timeout=60)
+        reads = runner.stats.reads
+        # Then a record there that writes something is still copied
+        await publish_to(settings, ORDERS, [("k-last", "last-copy")])
+        copied = await eventually(lambda: read_topic(settings, AUDIT), lambda rows: len(rows) == 1, timeout=60)
+        assert copied[0].value == b"last-copy"
+    # And declared mostly skipped, orders were read a few times an interval; undeclared, nearly at each arrival
+    if app is SkippingOrders:
+        assert reads < RECORDS / 3
+    else:
+        assert reads > RECORDS / 2
+
+
 async def test_a_clean_stop_commits_what_the_interval_still_held(choreo_settings: ChoreoSettings) -> None:
     # Given a runner whose interval is far longer than the test, which has just committed (a record
     # after a quiet interval commits at once)
@@ -172,6 +208,7 @@ class TwoStages:
     inputs: Sequence[Topic] = (ORDERS, STOCK_REQUESTS)
     changelog: Topic = AUDIT_STATE
     in_process: Sequence[Topic] = (STOCK_REQUESTS,)
+    mostly_skipped: Sequence[Topic] = ()
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         assert message.key is not None

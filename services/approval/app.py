@@ -28,6 +28,8 @@ class ApprovalApp:
     inputs: Sequence[Topic] = (PAYMENT_EVENTS, APPROVAL_DECISIONS, ORDERS)
     changelog: Topic = APPROVAL_STATE
     in_process: Sequence[Topic] = ()
+    # Read for cancellation requests; most of what arrives there is orders placed.
+    mostly_skipped: Sequence[Topic] = (ORDERS,)
 
     def __init__(self, policy: ApprovalPolicy, metrics: ApprovalMetrics | None = None) -> None:
         self.policy = policy

@@ -29,6 +29,7 @@ class AuditApp:
     inputs: Sequence[Topic] = SAGA_TOPICS
     changelog = AUDIT_STATE
     in_process: Sequence[Topic] = ()
+    mostly_skipped: Sequence[Topic] = ()
 
     def __init__(
         self,

@@ -143,6 +143,7 @@ class MeteredApp:
         self.inputs: Sequence[Topic] = app.inputs
         self.changelog: Topic = app.changelog
         self.in_process: Sequence[Topic] = app.in_process
+        self.mostly_skipped: Sequence[Topic] = app.mostly_skipped
 
     def process(self, task: TaskContext, message: Incoming) -> None:
         task.tally.begin(message)

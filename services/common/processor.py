@@ -64,6 +64,7 @@ from services.common.transactions import (
     Outgoing,
     TransactionFailedError,
     Transactions,
+    Written,
     fence,
     transactions,
 )
@@ -130,6 +131,9 @@ class StreamApp(Protocol):
     changelog: Topic
     in_process: Sequence[Topic]
     """Inputs that one stage sends another (requests and replies): what may be handed over in process."""
+    mostly_skipped: Sequence[Topic]
+    """Inputs read for a rare event type among many others: fetched once per commit interval while a commit
+    waits for something to act on, not at each arrival (`services.common.held_fetches`)."""
 
     def process(self, task: TaskContext, message: Incoming) -> None: ...
 
@@ -295,6 +299,7 @@ class TransactionalRunner:
         self._pending_records = 0
         self._last_commit = -math.inf
         self._commit_began = -math.inf
+        self._committing = False
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
@@ -327,7 +332,11 @@ class TransactionalRunner:
         self._consumer = consumer
         await consumer.start(list(self._topics_by_name), _Rebalance(self))
         if self.settings.held_fetches:
-            consumer.hold_fetches(self._fetch_deadline)
+            consumer.hold_fetches(
+                self._fetch_deadline,
+                mostly_skipped={self.settings.topic(topic) for topic in self.app.mostly_skipped},
+                skipped_every_s=self._commit_interval,
+            )
         log.info("service started", extra={"service": self.app.name, "group": self.group_id})
         try:
             while not self._stopping.is_set():
@@ -452,10 +461,12 @@ class TransactionalRunner:
     def _fetch_deadline(self) -> float:
         """The soonest a record fetched now can be committed, so that a fetch held until then delays none.
 
-        The next commit is due an interval after the last one ended; while one is in flight, an interval
-        after it began is the soonest its end can make it.
+        The next commit is due an interval after the last one ended. While one is in flight, it ends no
+        sooner than now, so the next is due an interval from now at the soonest.
         """
-        return max(self._last_commit, self._commit_began) + self._commit_interval
+        if self._committing:
+            return time.monotonic() + self._commit_interval
+        return self._last_commit + self._commit_interval
 
     def _has_effects(self) -> bool:
         """Whether the open transaction does anything: records to send, state changes or work after it commits."""
@@ -598,8 +609,8 @@ class TransactionalRunner:
         self._commit_began = time.monotonic()
         try:
             # Whoever takes a partition over reads from the tag which producer it must fence.
-            written = await producer.commit(
-                records, {tp: (offset, self._transactional_id) for tp, offset in tagged.items()}, self.group_id
+            written = await self._send_commit(
+                producer, records, {tp: (offset, self._transactional_id) for tp, offset in tagged.items()}
             )
         except FencedError as error:
             # Another instance took our partitions over while we were stalled: we are a zombie. Our
@@ -645,6 +656,15 @@ class TransactionalRunner:
         self.stats.transactions += 1
         self._last_commit = time.monotonic()
         self._committed(contexts.values(), self._last_commit - self._commit_began)
+
+    async def _send_commit(
+        self, producer: Transactions, records: list[Outgoing], tagged: dict[TopicPartition, tuple[int, str]]
+    ) -> list[Written]:
+        self._committing = True
+        try:
+            return await producer.commit(records, tagged, self.group_id)
+        finally:
+            self._committing = False
 
     def _committed(self, contexts: Iterable[TaskContext], commit_seconds: float) -> None:
         """What follows a successful commit only: its counts, and each batch's `after_commit` callbacks."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
@@ -81,9 +81,10 @@ class RunnerConsumer(Protocol):
         """(partition, records behind) of each assigned partition, as last fetched."""
         ...
 
-    def hold_fetches(self, deadline: Deadline) -> None:
-        """Have the broker hold each fetch until just before `deadline()`, when that names a time
-        (`services.common.held_fetches`); a client that cannot change a fetch's wait ignores it."""
+    def hold_fetches(self, deadline: Deadline, *, mostly_skipped: Collection[str], skipped_every_s: float) -> None:
+        """Have the broker hold each fetch until just before `deadline()`, when that names a time, and fetch the
+        topics `mostly_skipped` once per `skipped_every_s` otherwise (`services.common.held_fetches`); a client
+        that cannot change a fetch's wait ignores it."""
 
 
 class AiokafkaRunnerConsumer:
@@ -136,8 +137,8 @@ class AiokafkaRunnerConsumer:
     def fetched_lag(self) -> Iterator[tuple[TopicPartition, int]]:
         return fetched_lag(self._consumer)
 
-    def hold_fetches(self, deadline: Deadline) -> None:
-        hold_fetches(self._consumer._fetcher, deadline)
+    def hold_fetches(self, deadline: Deadline, *, mostly_skipped: Collection[str], skipped_every_s: float) -> None:
+        hold_fetches(self._consumer._fetcher, deadline, mostly_skipped=mostly_skipped, skipped_every_s=skipped_every_s)
 
 
 class ConfluentRunnerConsumer:
@@ -327,7 +328,7 @@ class ConfluentRunnerConsumer:
             if high >= 0 and position >= 0:
                 yield tp, max(0, high - position)
 
-    def hold_fetches(self, deadline: Deadline) -> None:
+    def hold_fetches(self, deadline: Deadline, *, mostly_skipped: Collection[str], skipped_every_s: float) -> None:
         """librdkafka sets a fetch's wait once, for the consumer's life: its fetches are not held."""
 
 

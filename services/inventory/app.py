@@ -38,6 +38,7 @@ class InventoryApp:
     inputs: Sequence[Topic] = (ORDERS, PAYMENT_EVENTS, SHIPPING_EVENTS, STOCK_REQUESTS, STOCK_REPLIES)
     changelog = INVENTORY_STATE
     in_process: Sequence[Topic] = (STOCK_REQUESTS, STOCK_REPLIES)
+    mostly_skipped: Sequence[Topic] = ()
 
     def __init__(self, catalog: Mapping[str, int]) -> None:
         self.catalog = dict(catalog)

@@ -92,6 +92,7 @@ class PaymentApp:
     inputs: Sequence[Topic] = (INVENTORY_EVENTS, APPROVAL_EVENTS, SHIPPING_EVENTS, LEDGER_REQUESTS, LEDGER_REPLIES)
     changelog: Topic = PAYMENT_STATE
     in_process: Sequence[Topic] = (LEDGER_REQUESTS, LEDGER_REPLIES)
+    mostly_skipped: Sequence[Topic] = ()
 
     def __init__(
         self,

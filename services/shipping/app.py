@@ -19,6 +19,8 @@ class ShippingApp:
     inputs: Sequence[Topic] = (APPROVAL_EVENTS, ORDERS)
     changelog: Topic = SHIPPING_STATE
     in_process: Sequence[Topic] = ()
+    # Read for cancellation requests; most of what arrives there is orders placed.
+    mostly_skipped: Sequence[Topic] = (ORDERS,)
 
     def __init__(self, policy: ShippingPolicy) -> None:
         self.policy = policy
