@@ -298,7 +298,6 @@ class TransactionalRunner:
         self._pending_offsets: dict[TopicPartition, int] = {}
         self._pending_records = 0
         self._last_commit = -math.inf
-        self._commit_began = -math.inf
         self._committing = False
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -606,7 +605,7 @@ class TransactionalRunner:
             ]
             if changes[partition]:
                 last_changelog_write[partition] = len(records) - 1
-        self._commit_began = time.monotonic()
+        began = time.monotonic()
         try:
             # Whoever takes a partition over reads from the tag which producer it must fence.
             written = await self._send_commit(
@@ -655,7 +654,7 @@ class TransactionalRunner:
             self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
         self._last_commit = time.monotonic()
-        self._committed(contexts.values(), self._last_commit - self._commit_began)
+        self._committed(contexts.values(), self._last_commit - began)
 
     async def _send_commit(
         self, producer: Transactions, records: list[Outgoing], tagged: dict[TopicPartition, tuple[int, str]]
