@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+
 import pytest
 from aiokafka import TopicPartition
 from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from schemas.topics import ORDERS
-from services.common.kafka import offsets_settled
+from services.common.kafka import confluent_options, offsets_settled
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
@@ -37,3 +41,19 @@ async def test_offsets_a_transaction_still_commits_settle_only_once_it_has(chore
         assert (await committed_offsets(settings, group, [tp]))[tp] == 5
     finally:
         await producer.stop()
+
+
+def test_librdkafka_lines_are_log_records_never_raw_on_stderr(
+    choreo_settings: ChoreoSettings, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Given an admin client built from the shared options, made to say a lot
+    caplog.set_level(logging.DEBUG, logger="librdkafka")
+    admin = AdminClient({**confluent_options(choreo_settings), "debug": "generic,broker"})
+    # When it works, is served and ends (librdkafka writes some lines at its end)
+    admin.list_topics(timeout=10)
+    admin.poll(0)
+    del admin
+    gc.collect()
+    # Then its lines were records of the librdkafka logger, and none reached stderr raw
+    assert any(record.name == "librdkafka" for record in caplog.records)
+    assert "rdkafka" not in capfd.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,8 @@ from confluent_kafka.admin import AdminClient as ConfluentAdmin
 from services.common.settings import ChoreoSettings
 
 HASHED_KEYS_KEPT = 65536
+# librdkafka's own lines, as records of this logger: unset, it writes them raw to stderr, some at its end.
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 
 @functools.lru_cache(maxsize=HASHED_KEYS_KEPT)
@@ -45,10 +48,11 @@ def default_partitioner(key: bytes | None, all_partitions: Sequence[int], availa
 
 
 def confluent_options(settings: ChoreoSettings) -> dict[str, Any]:
-    """The connection options of `settings` in librdkafka's names."""
+    """The connection options of `settings` in librdkafka's names, and its log lines routed to logging."""
     options: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
         "security.protocol": settings.security_protocol,
+        "logger": LIBRDKAFKA_LOG,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         tls = {
@@ -97,6 +101,8 @@ async def offsets_settled(
             if isinstance(error, ConfluentError) and error.code() == ConfluentError.UNSTABLE_OFFSET_COMMIT:
                 return error
             raise
+        finally:
+            admin.poll(0)  # its log lines wait in a queue until served
         return next((tp.error for tp in found.topic_partitions if tp.error is not None), None)
 
     while (error := await asyncio.to_thread(unsettled)) is not None:

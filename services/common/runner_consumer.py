@@ -28,7 +28,6 @@ from services.common.kafka import confluent_options
 from services.common.kafka import consumer as make_aiokafka_consumer
 from services.common.metrics import fetched_lag
 from services.common.settings import ChoreoSettings
-from services.common.transactions import LIBRDKAFKA_LOG
 
 log = logging.getLogger(__name__)
 # aiokafka's defaults, so that a member that died is replaced as soon on either client.
@@ -162,7 +161,6 @@ class ConfluentRunnerConsumer:
             # every few records under load; at 400 sagas/s it cost the broker 0.2-0.4 ms more a saga.
             "queued.min.messages": 1,
             "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
-            "logger": LIBRDKAFKA_LOG,
         }
         self._max_batch = max_batch
         self._consumer: Consumer | None = None

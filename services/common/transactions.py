@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ BATCH_BYTES = 512 * 1024
 LINGER_MS = 2
 # librdkafka's blocking calls wait at most this long; a broker that never answers fails the transaction.
 CALL_TIMEOUT_S = 60.0
-LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 
 @dataclass(frozen=True)
@@ -192,7 +190,6 @@ class ConfluentTransactions:
                 "batch.size": BATCH_BYTES,
                 # Java's and aiokafka's partitioner: a keyed record lands where theirs would.
                 "partitioner": "murmur2_random",
-                "logger": LIBRDKAFKA_LOG,
             }
         )
         self._metadata_sources: dict[str, Consumer] = {}
@@ -215,7 +212,6 @@ class ConfluentTransactions:
                     **confluent_options(self._settings),
                     "group.id": group_id,
                     "enable.auto.commit": False,
-                    "logger": LIBRDKAFKA_LOG,
                 }
             )
             self._metadata_sources[group_id] = source
