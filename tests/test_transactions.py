@@ -1,4 +1,4 @@
-"""Both transaction clients on the real broker: what a commit writes, what a fence stops."""
+"""Every transaction client on the real broker: what a commit writes, what a fence stops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from services.common.settings import ChoreoSettings
 from services.common.transactions import BATCH_BYTES, FencedError, Outgoing, fence
 from tests.support import eventually, read_topic, started_transactions
 
-CLIENTS = ("aiokafka", "confluent")
+CLIENTS = ("kip890", "aiokafka", "confluent")
 COMMITS = 150
 CLIENT_LOGGERS = ("aiokafka", "librdkafka")
 

@@ -102,10 +102,11 @@ class ChoreoSettings(BaseSettings):
         "more means fewer, fuller fetches and up to that wait more latency per hop.",
     )
 
-    transaction_client: Literal["aiokafka", "confluent"] = Field(
-        default="aiokafka",
-        description="Client library of the services' transactional producers: `aiokafka` (Python) or "
-        "`confluent` (librdkafka, the protocol in C).",
+    transaction_client: Literal["kip890", "aiokafka", "confluent"] = Field(
+        default="kip890",
+        description="How the services' transactions are sent: `kip890` (three requests a transaction, as KIP-890's "
+        "second version has them, on aiokafka's connections; needs `transaction.version` 2, Kafka 4.0 or later), "
+        "`aiokafka` (its producer, five requests a transaction) or `confluent` (librdkafka, the protocol in C).",
     )
     consumer_client: Literal["aiokafka", "confluent"] = Field(
         default="aiokafka",

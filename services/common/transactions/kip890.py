@@ -1,0 +1,292 @@
+"""The runner's transactions as KIP-890's second version has them, sent on aiokafka's connections.
+
+A transaction is three requests instead of aiokafka's five: the records (Produce v12, one request a
+leader) and the offsets (TxnOffsetCommit v5) are sent together, and EndTxn v5 once both are answered.
+The leaders and the group coordinator add their partitions to the transaction themselves, so there is
+no AddPartitionsToTxn or AddOffsetsToTxn round trip, and EndTxn answers with the epoch of the next
+transaction (each one bumps it), whose sequences start again at 0.
+
+A request answered with an error that time may mend (a leader or coordinator moving, replicas short)
+is sent again until `CALL_TIMEOUT_S` has passed; a record batch keeps its sequence, so the leader
+writes it once. A fencing error raises `FencedError`; anything else fails the transaction, and the
+runner's next producer of its tasks fences this one, which settles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+
+from aiokafka import TopicPartition
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.errors import KafkaError
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.protocol.transaction import InitProducerIdRequest
+
+from services.common.settings import ChoreoSettings
+from services.common.transactions.kip890_requests import (
+    NO_TAGS,
+    ApiVersionsRequestV3,
+    EndTxnRequestV5,
+    Exactly,
+    ProduceRequestV12,
+    TxnOffsetCommitRequestV5,
+    finalized_features,
+)
+from services.common.transactions.records import (
+    BATCH_BYTES,
+    CALL_TIMEOUT_S,
+    RETRY_BACKOFF_MS,
+    Batches,
+    FencedError,
+    Outgoing,
+    TransactionFailedError,
+    Written,
+    batched,
+)
+
+TRANSACTION_TIMEOUT_MS = 60_000
+ACKS_ALL = -1
+NO_GENERATION = -1  # offsets committed for the group as a whole, as aiokafka's v0 does
+NO_LEADER_EPOCH = -1
+REQUIRED_TRANSACTION_VERSION = 2
+NO_COMPRESSION = 0
+
+INVALID_PRODUCER_EPOCH = 47
+PRODUCER_FENCED = 90
+FENCING_CODES = frozenset({INVALID_PRODUCER_EPOCH, PRODUCER_FENCED})
+# Unknown topic or partition, leader not available, not leader, storage error, fenced or unknown leader epoch.
+STALE_METADATA_CODES = frozenset({3, 5, 6, 56, 74, 75})
+# Coordinator loading, not available, not this node.
+COORDINATOR_MOVED_CODES = frozenset({15, 16})
+RETRIABLE_CODES = (
+    STALE_METADATA_CODES
+    | COORDINATOR_MOVED_CODES
+    | frozenset(
+        # Request timed out, network, coordinator loading, replicas short (before or after the append),
+        # concurrent transactions (the previous transaction's markers are still being written).
+        {7, 13, 14, 19, 20, 51}
+    )
+)
+
+
+class BrokerRefusedError(RuntimeError):
+    """A broker answered with an error code."""
+
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(f"{what}: error code {code}")
+        self.code = code
+
+
+class Kip890Transactions:
+    def __init__(self, settings: ChoreoSettings, transactional_id: str) -> None:
+        self.transactional_id = transactional_id
+        self._client = AIOKafkaClient(**settings.kafka_options(), retry_backoff_ms=RETRY_BACKOFF_MS)
+        self._producer_id = -1
+        self._epoch = -1
+        self._coordinator: int | None = None
+        self._group_coordinators: dict[str, int] = {}
+
+    async def start(self) -> None:
+        await self._client.bootstrap()
+        await self._require_transaction_version()
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            coordinator = await self._transaction_coordinator(deadline)
+            answer = await self._client.send(
+                coordinator, InitProducerIdRequest(self.transactional_id, TRANSACTION_TIMEOUT_MS)
+            )
+            if answer.error_code == 0:
+                self._producer_id, self._epoch = answer.producer_id, answer.producer_epoch
+                return
+            await self._before_retry("InitProducerId", answer.error_code, deadline)
+
+    async def stop(self) -> None:
+        await self._client.close()
+
+    async def commit(
+        self, records: Sequence[Outgoing], offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str
+    ) -> list[Written]:
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        try:
+            batches, placements = await batched(records, self._partitions_of, self._new_batch)
+            base_offsets, _ = await asyncio.gather(
+                self._produce(batches, deadline), self._commit_offsets(offsets, group_id, deadline)
+            )
+            await self._end(deadline)
+        except BrokerRefusedError as error:
+            if error.code in FENCING_CODES:
+                raise FencedError(str(error)) from error
+            raise TransactionFailedError(str(error)) from error
+        except (KafkaError, OSError, TimeoutError) as error:
+            raise TransactionFailedError(repr(error)) from error
+        # A record's offset is its batch's base offset plus its place in the batch.
+        return [
+            Written(batches[n][0].topic, batches[n][0].partition, base_offsets[n] + place) for n, place in placements
+        ]
+
+    # --- the three requests -------------------------------------------------------------------
+
+    async def _produce(self, batches: Batches, deadline: float) -> list[int]:
+        """Write every batch, each with the next sequences of its partition; each batch's base offset."""
+        sequences: dict[TopicPartition, int] = {}
+        encoded: list[bytes] = []
+        for tp, batch in batches:
+            sequence = sequences.get(tp, 0)
+            batch._set_producer_state(self._producer_id, self._epoch, sequence)
+            sequences[tp] = sequence + batch.record_count()
+            encoded.append(batch._build())
+        base_offsets = [-1] * len(batches)
+        # One batch of a partition in flight at a time keeps a retried one ahead of those after it.
+        waiting = list(range(len(batches)))
+        while waiting:
+            by_leader: dict[int, list[int]] = {}
+            taken: set[TopicPartition] = set()
+            for n in waiting:
+                tp = batches[n][0]
+                if tp not in taken:
+                    taken.add(tp)
+                    by_leader.setdefault(await self._leader(tp, deadline), []).append(n)
+            answers = await asyncio.gather(
+                *(self._produce_on(leader, numbers, batches, encoded) for leader, numbers in by_leader.items())
+            )
+            refused = 0
+            for numbers, codes in zip(by_leader.values(), answers, strict=True):
+                for n, (code, base_offset) in zip(numbers, codes, strict=True):
+                    if code == 0:
+                        base_offsets[n] = base_offset
+                        waiting.remove(n)
+                    else:
+                        refused = code
+            if refused:
+                await self._before_retry("Produce", refused, deadline)
+        return base_offsets
+
+    async def _produce_on(
+        self, leader: int, numbers: list[int], batches: Batches, encoded: list[bytes]
+    ) -> list[tuple[int, int]]:
+        topics: dict[str, list[tuple[int, bytes, dict[int, bytes]]]] = {}
+        for n in numbers:
+            tp = batches[n][0]
+            topics.setdefault(tp.topic, []).append((tp.partition, encoded[n], NO_TAGS))
+        request = ProduceRequestV12(
+            self.transactional_id,
+            ACKS_ALL,
+            int(CALL_TIMEOUT_S * 1000),
+            [(topic, partitions, NO_TAGS) for topic, partitions in topics.items()],
+            NO_TAGS,
+        )
+        answer = await self._client.send(leader, Exactly(request))
+        found = {
+            (topic, partition[0]): (partition[1], partition[2])
+            for topic, partitions, _ in answer.topics
+            for partition in partitions
+        }
+        return [found.get((batches[n][0].topic, batches[n][0].partition), (13, -1)) for n in numbers]
+
+    async def _commit_offsets(
+        self, offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str, deadline: float
+    ) -> None:
+        if not offsets:
+            return
+        topics: dict[str, list[tuple[int, int, int, str, dict[int, bytes]]]] = {}
+        for tp, (offset, metadata) in offsets.items():
+            topics.setdefault(tp.topic, []).append((tp.partition, offset, NO_LEADER_EPOCH, metadata, NO_TAGS))
+        while True:
+            coordinator = await self._group_coordinator(group_id, deadline)
+            request = TxnOffsetCommitRequestV5(
+                self.transactional_id,
+                group_id,
+                self._producer_id,
+                self._epoch,
+                NO_GENERATION,
+                "",
+                None,
+                [(topic, partitions, NO_TAGS) for topic, partitions in topics.items()],
+                NO_TAGS,
+            )
+            answer = await self._client.send(coordinator, Exactly(request))
+            codes = [code for _, partitions, _ in answer.topics for _, code, _ in partitions if code != 0]
+            if not codes:
+                return
+            if codes[0] in COORDINATOR_MOVED_CODES:
+                self._group_coordinators.pop(group_id, None)
+            await self._before_retry("TxnOffsetCommit", codes[0], deadline)
+
+    async def _end(self, deadline: float) -> None:
+        """Commit; the answer carries the producer id and epoch of the next transaction."""
+        while True:
+            coordinator = await self._transaction_coordinator(deadline)
+            request = EndTxnRequestV5(self.transactional_id, self._producer_id, self._epoch, True, NO_TAGS)
+            answer = await self._client.send(coordinator, Exactly(request))
+            if answer.error_code == 0:
+                self._producer_id, self._epoch = answer.producer_id, answer.producer_epoch
+                return
+            await self._before_retry("EndTxn", answer.error_code, deadline)
+
+    # --- metadata, coordinators, retries ------------------------------------------------------
+
+    async def _require_transaction_version(self) -> None:
+        node = self._client.get_random_node()
+        request = ApiVersionsRequestV3("choreo", "1", NO_TAGS)
+        level = finalized_features(await self._client.send(node, Exactly(request))).get("transaction.version", 0)
+        if level < REQUIRED_TRANSACTION_VERSION:
+            raise RuntimeError(
+                f"the cluster finalizes transaction.version {level}; CHOREO_TRANSACTION_CLIENT=kip890 needs "
+                f"{REQUIRED_TRANSACTION_VERSION} (Kafka 4.0 or later): set CHOREO_TRANSACTION_CLIENT=aiokafka, "
+                "or upgrade the feature with kafka-features.sh"
+            )
+
+    async def _transaction_coordinator(self, deadline: float) -> int:
+        if self._coordinator is None:
+            self._coordinator = await self._lookup(CoordinationType.TRANSACTION, self.transactional_id, deadline)
+        return self._coordinator
+
+    async def _group_coordinator(self, group_id: str, deadline: float) -> int:
+        coordinator = self._group_coordinators.get(group_id)
+        if coordinator is None:
+            coordinator = self._group_coordinators[group_id] = await self._lookup(
+                CoordinationType.GROUP, group_id, deadline
+            )
+        return coordinator
+
+    async def _lookup(self, kind: int, key: str, deadline: float) -> int:
+        """The coordinator of `key`; a cluster still electing one (or creating its topic) is asked again."""
+        while True:
+            try:
+                return int(await self._client.coordinator_lookup(kind, key))
+            except KafkaError as error:
+                if not error.retriable or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
+
+    async def _partitions_of(self, topic: str) -> list[int]:
+        known = self._client.cluster.partitions_for_topic(topic)
+        if not known:
+            await self._client.add_topic(topic)
+            await self._client.force_metadata_update()
+            known = self._client.cluster.partitions_for_topic(topic)
+        if not known:
+            raise BrokerRefusedError(f"no partitions of {topic}", 3)
+        return sorted(known)
+
+    async def _leader(self, tp: TopicPartition, deadline: float) -> int:
+        while True:
+            leader = self._client.cluster.leader_for_partition(tp)
+            if leader is not None and leader >= 0:
+                return int(leader)
+            await self._before_retry(f"leader of {tp}", 5, deadline)
+
+    async def _before_retry(self, what: str, code: int, deadline: float) -> None:
+        """Wait to send `what` again after error `code`, with what it needs refreshed; raise if it may not."""
+        if code not in RETRIABLE_CODES or time.monotonic() >= deadline:
+            raise BrokerRefusedError(what, code)
+        if code in STALE_METADATA_CODES:
+            await self._client.force_metadata_update()
+        if code in COORDINATOR_MOVED_CODES:
+            self._coordinator = None
+        await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
+
+    def _new_batch(self) -> BatchBuilder:
+        return BatchBuilder(BATCH_BYTES, NO_COMPRESSION, is_transactional=1)
