@@ -53,6 +53,9 @@ NO_LEADER_EPOCH = -1
 REQUIRED_TRANSACTION_VERSION = 2
 NO_COMPRESSION = 0
 
+UNKNOWN_TOPIC_OR_PARTITION = 3
+LEADER_NOT_AVAILABLE = 5
+NETWORK_EXCEPTION = 13
 INVALID_PRODUCER_EPOCH = 47
 PRODUCER_FENCED = 90
 FENCING_CODES = frozenset({INVALID_PRODUCER_EPOCH, PRODUCER_FENCED})
@@ -183,7 +186,7 @@ class Kip890Transactions:
             for topic, partitions, _ in answer.topics
             for partition in partitions
         }
-        return [found.get((batches[n][0].topic, batches[n][0].partition), (13, -1)) for n in numbers]
+        return [found.get((batches[n][0].topic, batches[n][0].partition), (NETWORK_EXCEPTION, -1)) for n in numbers]
 
     async def _commit_offsets(
         self, offsets: Mapping[TopicPartition, tuple[int, str]], group_id: str, deadline: float
@@ -262,21 +265,21 @@ class Kip890Transactions:
             await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
 
     async def _partitions_of(self, topic: str) -> list[int]:
-        known = self._client.cluster.partitions_for_topic(topic)
-        if not known:
-            await self._client.add_topic(topic)
-            await self._client.force_metadata_update()
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            await self._client.add_topic(topic)  # its metadata kept from now on, fetched now if it was not
             known = self._client.cluster.partitions_for_topic(topic)
-        if not known:
-            raise BrokerRefusedError(f"no partitions of {topic}", 3)
-        return sorted(known)
+            if known:
+                return sorted(known)
+            await self._before_retry(f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline)
 
     async def _leader(self, tp: TopicPartition, deadline: float) -> int:
         while True:
+            await self._client.add_topic(tp.topic)
             leader = self._client.cluster.leader_for_partition(tp)
             if leader is not None and leader >= 0:
                 return int(leader)
-            await self._before_retry(f"leader of {tp}", 5, deadline)
+            await self._before_retry(f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline)
 
     async def _before_retry(self, what: str, code: int, deadline: float) -> None:
         """Wait to send `what` again after error `code`, with what it needs refreshed; raise if it may not."""
