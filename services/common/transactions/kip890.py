@@ -15,14 +15,17 @@ runner's next producer of its tasks fences this one, which settles it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
-from aiokafka.protocol.transaction import InitProducerIdRequest
+from aiokafka.protocol.api import RequestStruct
+from aiokafka.protocol.transaction import InitProducerIdRequest_v0 as InitProducerIdRequestV0
 
 from services.common.settings import ChoreoSettings
 from services.common.transactions.kip890_requests import (
@@ -59,19 +62,15 @@ NETWORK_EXCEPTION = 13
 INVALID_PRODUCER_EPOCH = 47
 PRODUCER_FENCED = 90
 FENCING_CODES = frozenset({INVALID_PRODUCER_EPOCH, PRODUCER_FENCED})
-# Unknown topic or partition, leader not available, not leader, storage error, fenced or unknown leader epoch.
-STALE_METADATA_CODES = frozenset({3, 5, 6, 56, 74, 75})
-# Coordinator loading, not available, not this node.
-COORDINATOR_MOVED_CODES = frozenset({15, 16})
-RETRIABLE_CODES = (
-    STALE_METADATA_CODES
-    | COORDINATOR_MOVED_CODES
-    | frozenset(
-        # Request timed out, network, coordinator loading, replicas short (before or after the append),
-        # concurrent transactions (the previous transaction's markers are still being written).
-        {7, 13, 14, 19, 20, 51}
-    )
-)
+# Unknown topic or partition, leader not available, not leader, network (a node gone), storage error,
+# fenced or unknown leader epoch.
+STALE_METADATA_CODES = frozenset({3, 5, 6, NETWORK_EXCEPTION, 56, 74, 75})
+# Coordinator not available, not this node, network (a node gone).
+COORDINATOR_MOVED_CODES = frozenset({15, 16, NETWORK_EXCEPTION})
+# And request timed out, coordinator loading, replicas short (before or after the append), concurrent
+# transactions (the previous transaction's markers are still being written).
+RETRIABLE_CODES = STALE_METADATA_CODES | COORDINATOR_MOVED_CODES | frozenset({7, 14, 19, 20, 51})
+MOST_BACKOFF_S = 0.5
 
 
 class BrokerRefusedError(RuntimeError):
@@ -95,15 +94,15 @@ class Kip890Transactions:
         await self._client.bootstrap()
         await self._require_transaction_version()
         deadline = time.monotonic() + CALL_TIMEOUT_S
-        while True:
+        for attempt in itertools.count():
             coordinator = await self._transaction_coordinator(deadline)
-            answer = await self._client.send(
-                coordinator, InitProducerIdRequest(self.transactional_id, TRANSACTION_TIMEOUT_MS)
+            answer = await self._ask(
+                coordinator, InitProducerIdRequestV0(self.transactional_id, TRANSACTION_TIMEOUT_MS)
             )
-            if answer.error_code == 0:
+            if answer is not None and answer.error_code == 0:
                 self._producer_id, self._epoch = answer.producer_id, answer.producer_epoch
                 return
-            await self._before_retry("InitProducerId", answer.error_code, deadline)
+            await self._before_retry("InitProducerId", _code(answer), deadline, attempt)
 
     async def stop(self) -> None:
         await self._client.close()
@@ -114,16 +113,20 @@ class Kip890Transactions:
         deadline = time.monotonic() + CALL_TIMEOUT_S
         try:
             batches, placements = await batched(records, self._partitions_of, self._new_batch)
-            base_offsets, _ = await asyncio.gather(
-                self._produce(batches, deadline), self._commit_offsets(offsets, group_id, deadline)
-            )
+            # Either failing cancels the other: nothing of a failed transaction goes on being sent.
+            async with asyncio.TaskGroup() as requests:
+                produced = requests.create_task(self._produce(batches, deadline))
+                # A turn of the loop puts the records on the wire ahead of the offsets. The other way round,
+                # a third of the offset commits met the leader adding its partition to the transaction and
+                # were answered CONCURRENT_TRANSACTIONS, which only a record's leader retries on the broker.
+                await asyncio.sleep(0)
+                requests.create_task(self._commit_offsets(offsets, group_id, deadline))
             await self._end(deadline)
-        except BrokerRefusedError as error:
-            if error.code in FENCING_CODES:
-                raise FencedError(str(error)) from error
-            raise TransactionFailedError(str(error)) from error
-        except (KafkaError, OSError, TimeoutError) as error:
-            raise TransactionFailedError(repr(error)) from error
+        except ExceptionGroup as failures:
+            raise _meaning(failures.exceptions[0]) from failures
+        except (BrokerRefusedError, KafkaError, OSError, TimeoutError) as error:
+            raise _meaning(error) from error
+        base_offsets = produced.result()
         # A record's offset is its batch's base offset plus its place in the batch.
         return [
             Written(batches[n][0].topic, batches[n][0].partition, base_offsets[n] + place) for n, place in placements
@@ -143,7 +146,9 @@ class Kip890Transactions:
         base_offsets = [-1] * len(batches)
         # One batch of a partition in flight at a time keeps a retried one ahead of those after it.
         waiting = list(range(len(batches)))
-        while waiting:
+        for attempt in itertools.count():
+            if not waiting:
+                return base_offsets
             by_leader: dict[int, list[int]] = {}
             taken: set[TopicPartition] = set()
             for n in waiting:
@@ -163,8 +168,8 @@ class Kip890Transactions:
                     else:
                         refused = code
             if refused:
-                await self._before_retry("Produce", refused, deadline)
-        return base_offsets
+                await self._before_retry("Produce", refused, deadline, attempt)
+        raise AssertionError("unreachable")
 
     async def _produce_on(
         self, leader: int, numbers: list[int], batches: Batches, encoded: list[bytes]
@@ -180,7 +185,9 @@ class Kip890Transactions:
             [(topic, partitions, NO_TAGS) for topic, partitions in topics.items()],
             NO_TAGS,
         )
-        answer = await self._client.send(leader, Exactly(request))
+        answer = await self._ask(leader, request)
+        if answer is None:
+            return [(NETWORK_EXCEPTION, -1)] * len(numbers)
         found = {
             (topic, partition[0]): (partition[1], partition[2])
             for topic, partitions, _ in answer.topics
@@ -196,7 +203,7 @@ class Kip890Transactions:
         topics: dict[str, list[tuple[int, int, int, str, dict[int, bytes]]]] = {}
         for tp, (offset, metadata) in offsets.items():
             topics.setdefault(tp.topic, []).append((tp.partition, offset, NO_LEADER_EPOCH, metadata, NO_TAGS))
-        while True:
+        for attempt in itertools.count():
             coordinator = await self._group_coordinator(group_id, deadline)
             request = TxnOffsetCommitRequestV5(
                 self.transactional_id,
@@ -209,24 +216,27 @@ class Kip890Transactions:
                 [(topic, partitions, NO_TAGS) for topic, partitions in topics.items()],
                 NO_TAGS,
             )
-            answer = await self._client.send(coordinator, Exactly(request))
-            codes = [code for _, partitions, _ in answer.topics for _, code, _ in partitions if code != 0]
+            answer = await self._ask(coordinator, request)
+            codes = (
+                [code for _, partitions, _ in answer.topics for _, code, _ in partitions if code != 0]
+                if answer is not None
+                else [NETWORK_EXCEPTION]
+            )
             if not codes:
                 return
-            if codes[0] in COORDINATOR_MOVED_CODES:
-                self._group_coordinators.pop(group_id, None)
-            await self._before_retry("TxnOffsetCommit", codes[0], deadline)
+            await self._before_retry("TxnOffsetCommit", codes[0], deadline, attempt)
 
     async def _end(self, deadline: float) -> None:
         """Commit; the answer carries the producer id and epoch of the next transaction."""
-        while True:
+        for attempt in itertools.count():
             coordinator = await self._transaction_coordinator(deadline)
             request = EndTxnRequestV5(self.transactional_id, self._producer_id, self._epoch, True, NO_TAGS)
-            answer = await self._client.send(coordinator, Exactly(request))
-            if answer.error_code == 0:
+            # Sent again after a lost answer, it is answered as the first was (KIP-890 makes EndTxn retriable).
+            answer = await self._ask(coordinator, request)
+            if answer is not None and answer.error_code == 0:
                 self._producer_id, self._epoch = answer.producer_id, answer.producer_epoch
                 return
-            await self._before_retry("EndTxn", answer.error_code, deadline)
+            await self._before_retry("EndTxn", _code(answer), deadline, attempt)
 
     # --- metadata, coordinators, retries ------------------------------------------------------
 
@@ -266,22 +276,33 @@ class Kip890Transactions:
 
     async def _partitions_of(self, topic: str) -> list[int]:
         deadline = time.monotonic() + CALL_TIMEOUT_S
-        while True:
+        for attempt in itertools.count():
             await self._client.add_topic(topic)  # its metadata kept from now on, fetched now if it was not
             known = self._client.cluster.partitions_for_topic(topic)
             if known:
                 return sorted(known)
-            await self._before_retry(f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline)
+            await self._before_retry(f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline, attempt)
+        raise AssertionError("unreachable")
 
     async def _leader(self, tp: TopicPartition, deadline: float) -> int:
-        while True:
+        for attempt in itertools.count():
             await self._client.add_topic(tp.topic)
             leader = self._client.cluster.leader_for_partition(tp)
             if leader is not None and leader >= 0:
                 return int(leader)
-            await self._before_retry(f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline)
+            await self._before_retry(f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline, attempt)
+        raise AssertionError("unreachable")
 
-    async def _before_retry(self, what: str, code: int, deadline: float) -> None:
+    async def _ask(self, node: int, request: RequestStruct) -> Any | None:
+        """`node`'s answer to `request`, or None if the connection failed in a way time may mend."""
+        try:
+            return await self._client.send(node, Exactly(request))
+        except KafkaError as error:
+            if not error.retriable:
+                raise
+            return None
+
+    async def _before_retry(self, what: str, code: int, deadline: float, attempt: int) -> None:
         """Wait to send `what` again after error `code`, with what it needs refreshed; raise if it may not."""
         if code not in RETRIABLE_CODES or time.monotonic() >= deadline:
             raise BrokerRefusedError(what, code)
@@ -289,7 +310,21 @@ class Kip890Transactions:
             await self._client.force_metadata_update()
         if code in COORDINATOR_MOVED_CODES:
             self._coordinator = None
-        await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
+            self._group_coordinators.clear()
+        await asyncio.sleep(min(RETRY_BACKOFF_MS / 1000 * 2**attempt, MOST_BACKOFF_S))
 
     def _new_batch(self) -> BatchBuilder:
         return BatchBuilder(BATCH_BYTES, NO_COMPRESSION, is_transactional=1)
+
+
+def _meaning(error: BaseException) -> Exception:
+    """The runner's error for a failed transaction's `error`."""
+    if isinstance(error, BrokerRefusedError) and error.code in FENCING_CODES:
+        return FencedError(str(error))
+    if isinstance(error, (BrokerRefusedError, KafkaError, OSError, TimeoutError)):
+        return TransactionFailedError(repr(error))
+    raise error
+
+
+def _code(answer: Any | None) -> int:
+    return NETWORK_EXCEPTION if answer is None else int(answer.error_code)
