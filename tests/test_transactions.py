@@ -11,6 +11,7 @@ from schemas.topics import AUDIT, INVENTORY_EVENTS, ORDERS
 from services.common.kafka import admin_client, partition_for
 from services.common.settings import ChoreoSettings
 from services.common.transactions import BATCH_BYTES, FencedError, Outgoing, fence
+from services.common.transactions.kip890 import Kip890Transactions
 from tests.support import eventually, read_topic, started_transactions
 
 CLIENTS = ("kip890", "aiokafka", "confluent")
@@ -115,7 +116,37 @@ async def test_back_to_back_commits_meet_no_retried_errors(
             ]
             offsets = {TopicPartition(settings.topic(ORDERS), batch % settings.partitions): (batch + 1, "")}
             await producer.commit(records, offsets, settings.group("probe"))
-    # Then no request was answered with an error to retry (the broker's transaction verification
-    # answers a produce NOT_ENOUGH_REPLICAS while the coordinator adds the offsets at the same time)
+        # Then no request was answered with an error to retry (the broker's transaction verification
+        # answers a produce NOT_ENOUGH_REPLICAS while the coordinator adds the offsets at the same time)
+        # (the KIP-890 client retries without a warning: it counts what it sent again)
+        retried = producer.retried if isinstance(producer, Kip890Transactions) else {}
     client_records = [record for record in caplog.records if record.name.split(".")[0] in CLIENT_LOGGERS]
     assert [record.getMessage() for record in client_records if record.levelno >= logging.WARNING] == []
+    assert retried == {}
+
+
+async def test_the_kip890_client_reads_the_clusters_transaction_version(choreo_settings: ChoreoSettings) -> None:
+    # Given the test broker, a fresh Kafka 4.x cluster, and a KIP-890 client on it
+    async with started_transactions(choreo_settings, f"{choreo_settings.topic_prefix}tv") as producer:
+        assert isinstance(producer, Kip890Transactions)
+        # When it asks which features the cluster finalizes
+        features = await producer.finalized_features()
+    # Then it finds transaction.version 2, which its requests need
+    assert features.get("transaction.version") == 2
+
+
+async def test_the_kip890_client_refuses_a_cluster_without_transaction_version_2(
+    choreo_settings: ChoreoSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a cluster that finalizes transaction.version 1 (as an upgraded 3.x cluster may)
+    async def version_1(self: Kip890Transactions) -> dict[str, int]:
+        return {"transaction.version": 1}
+
+    monkeypatch.setattr(Kip890Transactions, "finalized_features", version_1)
+    producer = Kip890Transactions(choreo_settings, f"{choreo_settings.topic_prefix}tv1")
+    # When a KIP-890 producer starts on it
+    # Then it refuses with what to do instead, before it registers its id
+    with pytest.raises(RuntimeError, match="CHOREO_TRANSACTION_CLIENT=aiokafka"):
+        await producer.start()
+    assert producer.retried == {}
+    await producer.stop()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +50,8 @@ from services.common.transactions.records import (
     Written,
     batched,
 )
+
+log = logging.getLogger(__name__)
 
 TRANSACTION_TIMEOUT_MS = 60_000
 ACKS_ALL = -1
@@ -89,6 +93,8 @@ class Kip890Transactions:
         self._epoch = -1
         self._coordinator: int | None = None
         self._group_coordinators: dict[str, int] = {}
+        # (request, error code): how often a request was sent again
+        self.retried: Counter[tuple[str, int]] = Counter()
 
     async def start(self) -> None:
         await self._client.bootstrap()
@@ -240,10 +246,13 @@ class Kip890Transactions:
 
     # --- metadata, coordinators, retries ------------------------------------------------------
 
-    async def _require_transaction_version(self) -> None:
-        node = self._client.get_random_node()
+    async def finalized_features(self) -> dict[str, int]:
+        """The features the cluster has finalized, with their levels (ApiVersions v3)."""
         request = ApiVersionsRequestV3("choreo", "1", NO_TAGS)
-        level = finalized_features(await self._client.send(node, Exactly(request))).get("transaction.version", 0)
+        return finalized_features(await self._client.send(self._client.get_random_node(), Exactly(request)))
+
+    async def _require_transaction_version(self) -> None:
+        level = (await self.finalized_features()).get("transaction.version", 0)
         if level < REQUIRED_TRANSACTION_VERSION:
             raise RuntimeError(
                 f"the cluster finalizes transaction.version {level}; CHOREO_TRANSACTION_CLIENT=kip890 needs "
@@ -306,6 +315,8 @@ class Kip890Transactions:
         """Wait to send `what` again after error `code`, with what it needs refreshed; raise if it may not."""
         if code not in RETRIABLE_CODES or time.monotonic() >= deadline:
             raise BrokerRefusedError(what, code)
+        self.retried[(what, code)] += 1
+        log.debug("%s was answered with error code %d; sending it again", what, code)
         if code in STALE_METADATA_CODES:
             await self._client.force_metadata_update()
         if code in COORDINATOR_MOVED_CODES:
