@@ -28,35 +28,39 @@ TEXT = CompactString("utf-8")
 NO_TAGS: dict[int, bytes] = {}
 
 
+def tagged(*fields: tuple[str, Any]) -> Schema:
+    """A flexible version's struct: its fields, then its tagged fields."""
+    return Schema(*fields, ("tags", TaggedFields))
+
+
+def tagged_array(*fields: tuple[str, Any]) -> CompactArray:
+    """A flexible version's array of structs."""
+    return CompactArray(*fields, ("tags", TaggedFields))
+
+
 class ProduceResponseV12(Response):  # type: ignore[misc]  # aiokafka has no type hints
     API_KEY = 0
     API_VERSION = 12
-    SCHEMA = Schema(
+    SCHEMA = tagged(
         (
             "topics",
-            CompactArray(
+            tagged_array(
                 ("name", TEXT),
                 (
                     "partitions",
-                    CompactArray(
+                    tagged_array(
                         ("index", Int32),
                         ("error_code", Int16),
                         ("base_offset", Int64),
                         ("log_append_time_ms", Int64),
                         ("log_start_offset", Int64),
-                        (
-                            "record_errors",
-                            CompactArray(("batch_index", Int32), ("message", TEXT), ("tags", TaggedFields)),
-                        ),
+                        ("record_errors", tagged_array(("batch_index", Int32), ("message", TEXT))),
                         ("error_message", TEXT),
-                        ("tags", TaggedFields),
                     ),
                 ),
-                ("tags", TaggedFields),
             ),
         ),
         ("throttle_time_ms", Int32),
-        ("tags", TaggedFields),
     )
 
 
@@ -65,36 +69,23 @@ class ProduceRequestV12(RequestStruct):  # type: ignore[misc]  # aiokafka has no
     API_VERSION = 12
     FLEXIBLE_VERSION = True
     RESPONSE_TYPE = ProduceResponseV12
-    SCHEMA = Schema(
+    SCHEMA = tagged(
         ("transactional_id", TEXT),
         ("acks", Int16),
         ("timeout_ms", Int32),
         (
             "topics",
-            CompactArray(
-                ("name", TEXT),
-                ("partitions", CompactArray(("index", Int32), ("records", CompactBytes), ("tags", TaggedFields))),
-                ("tags", TaggedFields),
-            ),
+            tagged_array(("name", TEXT), ("partitions", tagged_array(("index", Int32), ("records", CompactBytes)))),
         ),
-        ("tags", TaggedFields),
     )
 
 
 class TxnOffsetCommitResponseV5(Response):  # type: ignore[misc]  # aiokafka has no type hints
     API_KEY = 28
     API_VERSION = 5
-    SCHEMA = Schema(
+    SCHEMA = tagged(
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", TEXT),
-                ("partitions", CompactArray(("index", Int32), ("error_code", Int16), ("tags", TaggedFields))),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("tags", TaggedFields),
+        ("topics", tagged_array(("name", TEXT), ("partitions", tagged_array(("index", Int32), ("error_code", Int16))))),
     )
 
 
@@ -103,7 +94,7 @@ class TxnOffsetCommitRequestV5(RequestStruct):  # type: ignore[misc]  # aiokafka
     API_VERSION = 5
     FLEXIBLE_VERSION = True
     RESPONSE_TYPE = TxnOffsetCommitResponseV5
-    SCHEMA = Schema(
+    SCHEMA = tagged(
         ("transactional_id", TEXT),
         ("group_id", TEXT),
         ("producer_id", Int64),
@@ -113,34 +104,22 @@ class TxnOffsetCommitRequestV5(RequestStruct):  # type: ignore[misc]  # aiokafka
         ("group_instance_id", TEXT),
         (
             "topics",
-            CompactArray(
+            tagged_array(
                 ("name", TEXT),
                 (
                     "partitions",
-                    CompactArray(
-                        ("index", Int32),
-                        ("offset", Int64),
-                        ("leader_epoch", Int32),
-                        ("metadata", TEXT),
-                        ("tags", TaggedFields),
-                    ),
+                    tagged_array(("index", Int32), ("offset", Int64), ("leader_epoch", Int32), ("metadata", TEXT)),
                 ),
-                ("tags", TaggedFields),
             ),
         ),
-        ("tags", TaggedFields),
     )
 
 
 class EndTxnResponseV5(Response):  # type: ignore[misc]  # aiokafka has no type hints
     API_KEY = 26
     API_VERSION = 5
-    SCHEMA = Schema(
-        ("throttle_time_ms", Int32),
-        ("error_code", Int16),
-        ("producer_id", Int64),
-        ("producer_epoch", Int16),
-        ("tags", TaggedFields),
+    SCHEMA = tagged(
+        ("throttle_time_ms", Int32), ("error_code", Int16), ("producer_id", Int64), ("producer_epoch", Int16)
     )
 
 
@@ -149,23 +128,18 @@ class EndTxnRequestV5(RequestStruct):  # type: ignore[misc]  # aiokafka has no t
     API_VERSION = 5
     FLEXIBLE_VERSION = True
     RESPONSE_TYPE = EndTxnResponseV5
-    SCHEMA = Schema(
-        ("transactional_id", TEXT),
-        ("producer_id", Int64),
-        ("producer_epoch", Int16),
-        ("committed", Boolean),
-        ("tags", TaggedFields),
+    SCHEMA = tagged(
+        ("transactional_id", TEXT), ("producer_id", Int64), ("producer_epoch", Int16), ("committed", Boolean)
     )
 
 
 class ApiVersionsResponseV3(Response):  # type: ignore[misc]  # aiokafka has no type hints
     API_KEY = 18
     API_VERSION = 3
-    SCHEMA = Schema(
+    SCHEMA = tagged(
         ("error_code", Int16),
-        ("api_keys", CompactArray(("api_key", Int16), ("min", Int16), ("max", Int16), ("tags", TaggedFields))),
+        ("api_keys", tagged_array(("api_key", Int16), ("min", Int16), ("max", Int16))),
         ("throttle_time_ms", Int32),
-        ("tags", TaggedFields),
     )
 
 
@@ -174,7 +148,7 @@ class ApiVersionsRequestV3(RequestStruct):  # type: ignore[misc]  # aiokafka has
     API_VERSION = 3
     FLEXIBLE_VERSION = True
     RESPONSE_TYPE = ApiVersionsResponseV3
-    SCHEMA = Schema(("client_software_name", TEXT), ("client_software_version", TEXT), ("tags", TaggedFields))
+    SCHEMA = tagged(("client_software_name", TEXT), ("client_software_version", TEXT))
 
     def parse_response_header(self, read_buffer: BytesIO | bytes) -> Any:
         # The one flexible response whose header has no tagged fields: a client reads it before it
@@ -183,9 +157,7 @@ class ApiVersionsRequestV3(RequestStruct):  # type: ignore[misc]  # aiokafka has
 
 
 FINALIZED_FEATURES_TAG = 2
-FEATURES = CompactArray(
-    ("name", TEXT), ("max_version_level", Int16), ("min_version_level", Int16), ("tags", TaggedFields)
-)
+FEATURES = tagged_array(("name", TEXT), ("max_version_level", Int16), ("min_version_level", Int16))
 
 
 def finalized_features(response: ApiVersionsResponseV3) -> dict[str, int]:
