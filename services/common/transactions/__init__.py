@@ -19,7 +19,6 @@ from services.common.transactions.on_aiokafka import AiokafkaTransactions
 from services.common.transactions.on_librdkafka import ConfluentTransactions
 from services.common.transactions.records import (
     BATCH_BYTES,
-    CALL_TIMEOUT_S,
     FencedError,
     Outgoing,
     TransactionFailedError,
@@ -29,7 +28,6 @@ from services.common.transactions.records import (
 
 __all__ = [
     "BATCH_BYTES",
-    "CALL_TIMEOUT_S",
     "FencedError",
     "Outgoing",
     "TransactionFailedError",

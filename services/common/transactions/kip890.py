@@ -129,7 +129,8 @@ class Kip890Transactions:
                 requests.create_task(self._commit_offsets(offsets, group_id, deadline))
             await self._end(deadline)
         except ExceptionGroup as failures:
-            raise _meaning(failures.exceptions[0]) from failures
+            cause = next((error for error in failures.exceptions if _is_fence(error)), failures.exceptions[0])
+            raise _meaning(cause) from failures
         except (BrokerRefusedError, KafkaError, OSError, TimeoutError) as error:
             raise _meaning(error) from error
         base_offsets = produced.result()
@@ -328,9 +329,13 @@ class Kip890Transactions:
         return BatchBuilder(BATCH_BYTES, NO_COMPRESSION, is_transactional=1)
 
 
+def _is_fence(error: BaseException) -> bool:
+    return isinstance(error, BrokerRefusedError) and error.code in FENCING_CODES
+
+
 def _meaning(error: BaseException) -> Exception:
     """The runner's error for a failed transaction's `error`."""
-    if isinstance(error, BrokerRefusedError) and error.code in FENCING_CODES:
+    if _is_fence(error):
         return FencedError(str(error))
     if isinstance(error, (BrokerRefusedError, KafkaError, OSError, TimeoutError)):
         return TransactionFailedError(repr(error))
