@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 from aiokafka import TopicPartition
@@ -108,6 +109,8 @@ async def test_back_to_back_commits_meet_no_retried_errors(
         ]
         await producer.commit(warm_up, {}, settings.group("probe"))
         caplog.clear()
+        # (what a KIP-890 client sent again while coordinators were elected at its start is not counted)
+        retried_at_start = Counter(producer.retried) if isinstance(producer, Kip890Transactions) else Counter()
         # When it commits transaction after transaction, each with records on two topics and offsets
         for batch in range(COMMITS):
             records = [
@@ -119,7 +122,7 @@ async def test_back_to_back_commits_meet_no_retried_errors(
         # Then no request was answered with an error to retry (the broker's transaction verification
         # answers a produce NOT_ENOUGH_REPLICAS while the coordinator adds the offsets at the same time)
         # (the KIP-890 client retries without a warning: it counts what it sent again)
-        retried = producer.retried if isinstance(producer, Kip890Transactions) else {}
+        retried = producer.retried - retried_at_start if isinstance(producer, Kip890Transactions) else Counter()
     client_records = [record for record in caplog.records if record.name.split(".")[0] in CLIENT_LOGGERS]
     assert [record.getMessage() for record in client_records if record.levelno >= logging.WARNING] == []
     assert retried == {}

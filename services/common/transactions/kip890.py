@@ -93,22 +93,15 @@ class Kip890Transactions:
         self._epoch = -1
         self._coordinator: int | None = None
         self._group_coordinators: dict[str, int] = {}
+        self._tracked: set[str] = set()  # topics whose metadata the client keeps
         # (request, error code): how often a request was sent again
         self.retried: Counter[tuple[str, int]] = Counter()
 
     async def start(self) -> None:
         await self._client.bootstrap()
         await self._require_transaction_version()
-        deadline = time.monotonic() + CALL_TIMEOUT_S
-        for attempt in itertools.count():
-            coordinator = await self._transaction_coordinator(deadline)
-            answer = await self._ask(
-                coordinator, InitProducerIdRequestV0(self.transactional_id, TRANSACTION_TIMEOUT_MS)
-            )
-            if answer is not None and answer.error_code == 0:
-                self._producer_id, self._epoch = answer.producer_id, answer.producer_epoch
-                return
-            await self._before_retry("InitProducerId", _code(answer), deadline, attempt)
+        request = InitProducerIdRequestV0(self.transactional_id, TRANSACTION_TIMEOUT_MS)
+        await self._take_epoch("InitProducerId", request, time.monotonic() + CALL_TIMEOUT_S)
 
     async def stop(self) -> None:
         await self._client.close()
@@ -235,15 +228,19 @@ class Kip890Transactions:
 
     async def _end(self, deadline: float) -> None:
         """Commit; the answer carries the producer id and epoch of the next transaction."""
+        # Sent again after a lost answer, it is answered as the first was (KIP-890 makes EndTxn retriable).
+        request = EndTxnRequestV5(self.transactional_id, self._producer_id, self._epoch, True, NO_TAGS)
+        await self._take_epoch("EndTxn", request, deadline)
+
+    async def _take_epoch(self, what: str, request: RequestStruct, deadline: float) -> None:
+        """Send `request` to the transaction coordinator until it is answered without an error, and use the
+        producer id and epoch the answer names (InitProducerId's and EndTxn's both do)."""
         for attempt in itertools.count():
-            coordinator = await self._transaction_coordinator(deadline)
-            request = EndTxnRequestV5(self.transactional_id, self._producer_id, self._epoch, True, NO_TAGS)
-            # Sent again after a lost answer, it is answered as the first was (KIP-890 makes EndTxn retriable).
-            answer = await self._ask(coordinator, request)
+            answer = await self._ask(await self._transaction_coordinator(deadline), request)
             if answer is not None and answer.error_code == 0:
                 self._producer_id, self._epoch = answer.producer_id, answer.producer_epoch
                 return
-            await self._before_retry("EndTxn", _code(answer), deadline, attempt)
+            await self._before_retry(what, _code(answer), deadline, attempt)
 
     # --- metadata, coordinators, retries ------------------------------------------------------
 
@@ -287,21 +284,29 @@ class Kip890Transactions:
     async def _partitions_of(self, topic: str) -> list[int]:
         deadline = time.monotonic() + CALL_TIMEOUT_S
         for attempt in itertools.count():
-            await self._client.add_topic(topic)  # its metadata kept from now on, fetched now if it was not
             known = self._client.cluster.partitions_for_topic(topic)
             if known:
                 return sorted(known)
-            await self._before_retry(f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline, attempt)
+            if not await self._tracked_now(topic):
+                await self._before_retry(f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline, attempt)
         raise AssertionError("unreachable")
 
     async def _leader(self, tp: TopicPartition, deadline: float) -> int:
         for attempt in itertools.count():
-            await self._client.add_topic(tp.topic)
             leader = self._client.cluster.leader_for_partition(tp)
             if leader is not None and leader >= 0:
                 return int(leader)
-            await self._before_retry(f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline, attempt)
+            if not await self._tracked_now(tp.topic):
+                await self._before_retry(f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline, attempt)
         raise AssertionError("unreachable")
+
+    async def _tracked_now(self, topic: str) -> bool:
+        """Whether `topic` was new to the client's metadata; if so, it is kept from now on and fetched now."""
+        if topic in self._tracked:
+            return False
+        self._tracked.add(topic)
+        await self._client.add_topic(topic)
+        return True
 
     async def _ask(self, node: int, request: RequestStruct) -> Any | None:
         """`node`'s answer to `request`, or None if the connection failed in a way time may mend."""
