@@ -98,7 +98,10 @@ class ServiceProcess:
         """SIGTERM, then SIGKILL if it does not exit in time; a no-op when not running."""
         if self.popen is None or not self.alive():
             return
-        self.terminate()
+        if not self.expected_down:
+            # Once is enough: a second SIGTERM met after the loop's handlers are gone ends the process
+            # before it exports what it still buffers.
+            self.terminate()
         try:
             self.popen.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

@@ -39,6 +39,9 @@ async def test_every_service_exports_its_spans_of_the_order_in_the_client_trace(
             await wait_for_events(choreo_settings, ORDER_ID, "OrderCompleted")
         finally:
             stack.close()  # SIGTERM: each process exports what it still buffers before it exits
+        # A process killed after the stop timeout would have lost its buffered spans
+        exits = {process.label: process.popen.returncode for process in stack.processes if process.popen}
+        assert set(exits.values()) == {0}, f"{exits}\n{stack.report()}"
         [placed] = await read_topic(choreo_settings, ORDERS)
         sent = traceparent_of(placed.headers)
         assert sent is not None

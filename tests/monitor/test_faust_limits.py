@@ -7,6 +7,7 @@ processing_guarantee="exactly_once", is shown in test_monitor_kafka.py.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -57,7 +58,9 @@ def test_a_faust_table_cannot_be_written_from_a_timer() -> None:
         partitioned[b"service:x"] = b"{}"
 
 
-async def test_under_exactly_once_a_table_write_from_a_timer_never_commits(choreo_settings: ChoreoSettings) -> None:
+async def test_under_exactly_once_a_table_write_from_a_timer_never_commits(
+    choreo_settings: ChoreoSettings, tmp_path: Path
+) -> None:
     """faust commits a transaction only with input offsets: with `audit` idle, a timer's writes stay invisible.
 
     Acknowledged by the broker, yet never committed: a read_committed reader (and the monitor's own
@@ -71,6 +74,7 @@ async def test_under_exactly_once_a_table_write_from_a_timer_never_commits(chore
         broker=f"kafka://{settings.bootstrap_servers}",
         processing_guarantee="exactly_once",
         store="memory://",
+        datadir=tmp_path,
         topic_partitions=settings.partitions,
         topic_allow_declare=False,
         topic_disable_leader=True,
