@@ -54,8 +54,12 @@ contract-check: setup
 compose-check:
 	bash scripts/check-compose.sh
 
+# Tests that start, stop or restart brokers, or load the whole stack (`slow`), run one at a time; the others
+# in TEST_WORKERS processes, each with a broker of its own, as they mostly wait on the broker and processes.
+TEST_WORKERS ?= 2
 test: setup lint typecheck contract-check compose-check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -m slow
 
 bench: setup
 	$(BIN)/choreo bench

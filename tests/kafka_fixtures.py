@@ -56,7 +56,9 @@ class KafkaBackend:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: starts, stops or restarts a real Kafka broker (seconds each)")
+    config.addinivalue_line(
+        "markers", "slow: starts, stops or restarts brokers, or runs the whole stack for long (run one at a time)"
+    )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
