@@ -24,7 +24,9 @@ from services.approval.metrics import PendingApprovals
 from services.approval.publisher import KafkaDecisionPublisher
 from services.approval.readmodel import ApprovalsView, ChangelogTail
 from services.approval.settings import ApprovalSettings
+from services.common.garbage import tune_collector
 from services.common.logs import configure_logging
+from services.common.loop import run
 from services.common.processor import TransactionalRunner
 from services.common.service import runner_report, serve
 from services.common.tracing import process_tracing
@@ -143,7 +145,7 @@ def reviewer_api(
 ) -> Callable[[TransactionalRunner], Coroutine[Any, Any, None]]:
     """The API as `serve(..., also=...)` runs it beside the stream runner, its /health including the runner's."""
 
-    async def run(runner: TransactionalRunner) -> None:
+    async def beside(runner: TransactionalRunner) -> None:
         api = ReviewerApi(settings, stream=runner_report(runner), tracer_provider=tracer_provider)
         # Served on the process's /metrics beside the stream runner's own.
         pending = PendingApprovals(api.view.pending_count)
@@ -155,12 +157,14 @@ def reviewer_api(
             await api.stop()
             runner.metrics.registry.unregister(pending)
 
-    return run
+    return beside
 
 
 def main() -> None:
     settings = ApprovalSettings()
     configure_logging(settings.log_level)
     app = build_app(settings)
+    tune_collector(settings.gc_young_threshold)
     with process_tracing(app.name) as tracer_provider:
-        asyncio.run(serve(settings, app, also=reviewer_api(settings, tracer_provider), tracer_provider=tracer_provider))
+        api = reviewer_api(settings, tracer_provider)
+        run(serve(settings, app, also=api, tracer_provider=tracer_provider), settings.event_loop)

@@ -13,6 +13,7 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.registry import Collector
 
+from services.common.garbage import tune_collector
 from services.common.logs import configure_logging
 from services.common.loop import run
 from services.common.metrics import HasMetrics, RunnerMetrics, exposition, process_registry
@@ -156,5 +157,6 @@ def main(settings: Settings, app_factory: Callable[[Settings], StreamApp]) -> No
     """Process entry point shared by the services' `__main__` modules."""
     configure_logging(settings.log_level)
     app = app_factory(settings)
+    tune_collector(settings.gc_young_threshold)
     with process_tracing(app.name) as tracer_provider:
         run(serve(settings, app, tracer_provider=tracer_provider), settings.event_loop)

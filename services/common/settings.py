@@ -102,6 +102,14 @@ class ChoreoSettings(BaseSettings):
         "more means fewer, fuller fetches and up to that wait more latency per hop.",
     )
 
+    gc_young_threshold: int = Field(
+        default=10_000,
+        ge=100,
+        description="Allocations between two collections of the youngest generation of Python's garbage collector "
+        "(Python's default is 700); what start-up made is frozen out of every collection. See "
+        "`services/common/garbage.py`.",
+    )
+
     transaction_client: Literal["kip890", "aiokafka", "confluent"] = Field(
         default="kip890",
         description="How the services' transactions are sent: `kip890` (three requests a transaction, as KIP-890's "
