@@ -4,7 +4,7 @@ With Python's defaults the youngest generation is collected every 700 net alloca
 objects, and all three generations together whenever the survivors have grown by a quarter. A
 service keeps thousands of decoded states and records in flight alive, so under load each one ran a
 full collection every few seconds, each pausing its event loop (and every record waiting in it) for
-60-400 ms, and the three generations took about a tenth of its CPU. Two changes, made once start-up
+60-400 ms, and its collections added up to 6-20% of its CPU time. Two changes, made once start-up
 is done:
 
 - what start-up made (modules, classes, the app and its catalogs) lives as long as the process and
