@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.common.garbage import tune_collector
+from services.common.garbage import PYTHON_YOUNG_THRESHOLD, tune_collector
 from services.common.settings import ChoreoSettings
 
 
@@ -31,13 +31,15 @@ def test_start_up_objects_are_frozen_and_later_cycles_still_collected() -> None:
     # Given an object made during start-up, and the default settings
     made_at_start = Node()
     young_threshold = ChoreoSettings().gc_young_threshold
+    _, middle, oldest = gc.get_threshold()
     # When the collector is tuned
     tune_collector(young_threshold)
     # Then what existed is out of every generation the collector walks
     assert gc.get_freeze_count() > 0
     assert not any(tracked is made_at_start for tracked in gc.get_objects())
     # And the youngest generation waits for the setting's count of allocations, the others keep Python's
-    assert gc.get_threshold()[0] == young_threshold > 700
+    assert gc.get_threshold() == (young_threshold, middle, oldest)
+    assert young_threshold > PYTHON_YOUNG_THRESHOLD
     # And a cycle made later is still found and freed
     first, second = Node(), Node()
     first.other, second.other = second, first

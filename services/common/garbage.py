@@ -10,12 +10,12 @@ is done:
 - what start-up made (modules, classes, the app and its catalogs) lives as long as the process and
   is never garbage, so it is moved out of the collector's reach (`gc.freeze`), and no collection
   walks it again;
-- the youngest generation is collected every `young_threshold` allocations instead of 700, so most
-  short-lived objects are freed by their reference counts before a collection sees them, and fewer
-  of them survive into the older generations that full collections walk.
+- the youngest generation is collected every `young_threshold` allocations instead of 700, so the
+  objects that live for a while (records waiting for their commit, a batch's decoded events) are
+  mostly freed by their reference counts before a collection finds them alive, and fewer of them
+  are promoted into the older generations that full collections walk.
 
-Cycles are still collected, only less often: the memory they hold for longer is bounded by the
-threshold, a few megabytes at most.
+Cycles are still collected, only found later: after up to `young_threshold` allocations instead of 700.
 """
 
 from __future__ import annotations
