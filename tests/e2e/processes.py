@@ -89,8 +89,12 @@ class ServiceProcess:
         log.warning("SIGKILLed %s pid %s", self.label, popen.pid)
 
     def terminate(self) -> None:
-        """Send SIGTERM (a clean stop) without waiting; a no-op when not running."""
-        if self.popen is not None and self.alive():
+        """Send SIGTERM (a clean stop) without waiting; a no-op when not running or already asked to stop.
+
+        Once is enough: a second SIGTERM met after the loop's handlers are gone ends the process before
+        it exports what it still buffers.
+        """
+        if self.popen is not None and self.alive() and not self.expected_down:
             self.expected_down = True
             self.popen.send_signal(signal.SIGTERM)
 
@@ -98,10 +102,7 @@ class ServiceProcess:
         """SIGTERM, then SIGKILL if it does not exit in time; a no-op when not running."""
         if self.popen is None or not self.alive():
             return
-        if not self.expected_down:
-            # Once is enough: a second SIGTERM met after the loop's handlers are gone ends the process
-            # before it exports what it still buffers.
-            self.terminate()
+        self.terminate()
         try:
             self.popen.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

@@ -19,8 +19,8 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from aiokafka import TopicPartition
 from aiokafka.client import AIOKafkaClient, CoordinationType
@@ -75,6 +75,7 @@ COORDINATOR_MOVED_CODES = frozenset({15, 16, NETWORK_EXCEPTION})
 # transactions (the previous transaction's markers are still being written).
 RETRIABLE_CODES = STALE_METADATA_CODES | COORDINATOR_MOVED_CODES | frozenset({7, 14, 19, 20, 51})
 MOST_BACKOFF_S = 0.5
+Found = TypeVar("Found")
 
 
 class BrokerRefusedError(RuntimeError):
@@ -282,22 +283,30 @@ class Kip890Transactions:
             await asyncio.sleep(RETRY_BACKOFF_MS / 1000)
 
     async def _partitions_of(self, topic: str) -> list[int]:
+        def known() -> list[int] | None:
+            return sorted(self._client.cluster.partitions_for_topic(topic) or ()) or None
+
         deadline = time.monotonic() + CALL_TIMEOUT_S
-        for attempt in itertools.count():
-            known = self._client.cluster.partitions_for_topic(topic)
-            if known:
-                return sorted(known)
-            if not await self._tracked_now(topic):
-                await self._before_retry(f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline, attempt)
-        raise AssertionError("unreachable")
+        return await self._from_metadata(topic, known, f"partitions of {topic}", UNKNOWN_TOPIC_OR_PARTITION, deadline)
 
     async def _leader(self, tp: TopicPartition, deadline: float) -> int:
-        for attempt in itertools.count():
+        def known() -> int | None:
             leader = self._client.cluster.leader_for_partition(tp)
-            if leader is not None and leader >= 0:
-                return int(leader)
-            if not await self._tracked_now(tp.topic):
-                await self._before_retry(f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline, attempt)
+            return int(leader) if leader is not None and leader >= 0 else None
+
+        return await self._from_metadata(tp.topic, known, f"leader of {tp}", LEADER_NOT_AVAILABLE, deadline)
+
+    async def _from_metadata(
+        self, topic: str, known: Callable[[], Found | None], what: str, code: int, deadline: float
+    ) -> Found:
+        """What `known` finds in the client's metadata of `topic`: at once, after fetching the topic's metadata
+        if the client did not keep it yet, or after waiting and refreshing as for error `code`."""
+        for attempt in itertools.count():
+            found = known()
+            if found is not None:
+                return found
+            if not await self._tracked_now(topic):
+                await self._before_retry(what, code, deadline, attempt)
         raise AssertionError("unreachable")
 
     async def _tracked_now(self, topic: str) -> bool:
