@@ -46,6 +46,7 @@ from opentelemetry.trace import TracerProvider
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.topics import DEAD_LETTER, Topic, topic_of
+from services.common.cadence import CommitCadence
 from services.common.deadletters import dead_letter_headers
 from services.common.heap import HeapTrimmer, glibc_malloc_trim
 from services.common.kafka import admin_client as make_admin
@@ -86,10 +87,6 @@ FENCE_TIMEOUT_S = 60.0
 # How long to wait for a commit of the positions to be written out before their tags are read again.
 SETTLED_WAIT_S = 5.0
 ASSIGNMENT_POLL_S = 0.05
-# How long the offsets of records that changed nothing may wait for a transaction that writes something. Each
-# transaction costs the broker a commit and a marker per partition, and skipped records (every reader of
-# `orders` but inventory skips each OrderPlaced) would otherwise start one of their own.
-OFFSETS_ONLY_INTERVAL_S = 1.0
 IN_PROCESS_OFFSET = -1
 """The offset of a record handed over in process: it was never written to its topic."""
 
@@ -291,14 +288,12 @@ class TransactionalRunner:
         self._positions: dict[TopicPartition, int] = {}
         self._tagged = False
         """Whether a commit of this assignment has tagged every owned position yet."""
-        self._commit_interval = settings.commit_interval.total_seconds()
+        self._cadence = CommitCadence(settings.commit_interval.total_seconds())
         self._paced_reads = settings.paced_reads
         # Handled but not yet committed: what the next transaction carries.
         self._pending: dict[int, TaskContext] = {}
         self._pending_offsets: dict[TopicPartition, int] = {}
         self._pending_records = 0
-        self._last_commit = -math.inf
-        self._committing = False
         self._work_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
@@ -332,9 +327,9 @@ class TransactionalRunner:
         await consumer.start(list(self._topics_by_name), _Rebalance(self))
         if self.settings.held_fetches:
             consumer.hold_fetches(
-                self._fetch_deadline,
+                self._cadence.fetch_deadline,
                 mostly_skipped={self.settings.topic(topic) for topic in self.app.mostly_skipped},
-                skipped_every_s=self._commit_interval,
+                skipped_every_s=self._cadence.interval_s,
             )
         log.info("service started", extra={"service": self.app.name, "group": self.group_id})
         try:
@@ -444,28 +439,11 @@ class TransactionalRunner:
             await self._flush()
 
     def _commit_due(self) -> float | None:
-        """When what was handled since the last commit is to be committed (monotonic); None if nothing was.
-
-        At most one transaction per interval, the first at once: a lone record is never held back, while
-        under load the records of one interval share one transaction. Records that changed nothing (skipped,
-        or ignored by their handler) leave only their offsets to commit, which no reader waits for: those
-        ride along with the next transaction that writes something, or go alone after `OFFSETS_ONLY_INTERVAL_S`.
-        """
+        """When what was handled since the last commit is to be committed (monotonic); None if nothing was
+        (`services.common.cadence`)."""
         if not self._pending and not self._pending_offsets:
             return None
-        if self._has_effects():
-            return self._last_commit + self._commit_interval
-        return self._last_commit + max(self._commit_interval, OFFSETS_ONLY_INTERVAL_S)
-
-    def _fetch_deadline(self) -> float:
-        """The soonest a record fetched now can be committed, so that a fetch held until then delays none.
-
-        The next commit is due an interval after the last one ended. While one is in flight, it ends no
-        sooner than now, so the next is due an interval from now at the soonest.
-        """
-        if self._committing:
-            return time.monotonic() + self._commit_interval
-        return self._last_commit + self._commit_interval
+        return self._cadence.due(effects=self._has_effects())
 
     def _has_effects(self) -> bool:
         """Whether the open transaction does anything: records to send, state changes or work after it commits."""
@@ -653,17 +631,16 @@ class TransactionalRunner:
         for partition, context in contexts.items():
             self._stream_time[partition] = max(self._stream_time.get(partition, 0), context.stream_time_ms)
         self.stats.transactions += 1
-        self._last_commit = time.monotonic()
-        self._committed(contexts.values(), self._last_commit - began)
+        self._committed(contexts.values(), time.monotonic() - began)
 
     async def _send_commit(
         self, producer: Transactions, records: list[Outgoing], tagged: dict[TopicPartition, tuple[int, str]]
     ) -> list[Written]:
-        self._committing = True
+        self._cadence.began(time.monotonic())
         try:
             return await producer.commit(records, tagged, self.group_id)
         finally:
-            self._committing = False
+            self._cadence.ended(time.monotonic())
 
     def _committed(self, contexts: Iterable[TaskContext], commit_seconds: float) -> None:
         """What follows a successful commit only: its counts, and each batch's `after_commit` callbacks."""

@@ -76,9 +76,9 @@ class ChoreoSettings(BaseSettings):
     health_port: int = Field(default=0, ge=0, le=65535, description="Port of the /health endpoint; 0 picks a free one.")
     commit_interval: Duration = Field(
         default=timedelta(milliseconds=50),
-        description="Least time between two transactions of an instance. A record that arrives after a quiet "
-        "interval commits at once; under load, the records of one interval share one transaction, which is what "
-        "the broker's CPU follows. 0 commits after every poll.",
+        description="Least time between the starts of two transactions of an instance. A record that arrives "
+        "after a quiet interval commits at once; under load, the records of one interval share one transaction, "
+        "which is what the broker's CPU follows. 0 commits after every poll.",
     )
     paced_reads: bool = Field(
         default=False,
