@@ -21,12 +21,11 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from itertools import pairwise
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from benchmarks.saga_bench import percentile
+from benchmarks.saga_bench import LATENCY_LABEL, epoch_s, percentile
 from schemas.envelope import CE_TIME, CE_TYPE
 from schemas.topics import SAGA_TOPICS
 from services.common.kafka import confluent_options
@@ -35,7 +34,6 @@ from services.common.settings import ChoreoSettings
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 1.5
-LATENCY_RUN_LABEL = "l"
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def _sent(record: Message) -> Sent:
         if isinstance(name, str) and isinstance(value, bytes):
             headers[name] = value
     made = headers.get(CE_TIME)
-    handled_ms = datetime.fromisoformat(made.decode()).timestamp() * 1000 if made else None
+    handled_ms = epoch_s(made.decode()) * 1000 if made else None
     named = headers.get(CE_TYPE)
     # A client may publish without the CloudEvents headers: its event's type is then read from the body.
     event_type = named.decode() if named is not None else str(json.loads(record.value() or b"{}").get("type", "?"))
@@ -128,7 +126,7 @@ def render(found: dict[str, Hop], least: int) -> str:
 def last_latency_run(by_order: dict[str, list[Sent]]) -> str:
     """The id prefix (`l<step>-<run>-`) of the latency run whose order was placed last."""
     runs = {order_id.rsplit("-", 1)[0] + "-": min(e.sent_ms for e in events) for order_id, events in by_order.items()}
-    latency_runs = {run: placed for run, placed in runs.items() if run.startswith(LATENCY_RUN_LABEL)}
+    latency_runs = {run: placed for run, placed in runs.items() if run.startswith(LATENCY_LABEL)}
     if not latency_runs:
         raise SystemExit("no latency run found: pass --orders")
     return max(latency_runs, key=latency_runs.__getitem__)

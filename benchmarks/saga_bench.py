@@ -86,6 +86,8 @@ BROKER = "broker (jvm)"
 LOAD_GENERATOR = "benchmark"
 OUTCOMES: tuple[str, ...] = ("completed", "rejected", "declined", "shipping_failed")
 DEFAULT_MIX = "completed=70,rejected=10,declined=10,shipping_failed=10"
+LATENCY_LABEL = "l"
+"""The first letter of the latency run's order ids (`l<step>-<run>-<number>`)."""
 TERMINAL_TYPES = frozenset({OrderCompleted.__name__, OrderCancelled.__name__})
 FAILURE_TYPES = frozenset({InventoryRejected.__name__, PaymentDeclined.__name__, ShippingFailed.__name__})
 EXPECTED_TERMINAL = {
@@ -197,7 +199,8 @@ class Ended:
     failure_s: float | None = None  # epoch seconds of the failure event that started a compensation
 
 
-def _epoch(text: str) -> float:
+def epoch_s(text: str) -> float:
+    """Epoch seconds of an ISO 8601 time as events carry it (`occurred_at`, `ce_time`)."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
@@ -265,9 +268,9 @@ class Watcher:
         if not isinstance(order_id, str):
             return
         if kind in FAILURE_TYPES and order_id not in self.failures:
-            self.failures[order_id] = _epoch(str(document["occurred_at"]))
+            self.failures[order_id] = epoch_s(str(document["occurred_at"]))
         elif kind in TERMINAL_TYPES and order_id not in self.ended:
-            self._end(order_id, Ended(str(kind), _epoch(str(document["occurred_at"])), self.failures.get(order_id)))
+            self._end(order_id, Ended(str(kind), epoch_s(str(document["occurred_at"])), self.failures.get(order_id)))
 
     def _end(self, order_id: str, ended: Ended) -> None:
         self.ended[order_id] = ended
@@ -885,7 +888,7 @@ class Bench:
         figures = path.figures
         rate = half_rate(figures)
         figures.latency_rate_per_s = rate
-        orders = self.orders("l", max(1, math.ceil(rate * self.args.latency_s)), path.mix)
+        orders = self.orders(LATENCY_LABEL, max(1, math.ceil(rate * self.args.latency_s)), path.mix)
         placed: dict[str, float] = {}
         await path.offer.publish(orders, rate, placed, [])
         await path.watcher.wait_for([o.order_id for o in orders], self.args.recover_s, path.check)
