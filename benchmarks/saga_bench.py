@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import secrets
 import shutil
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -52,8 +53,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from aiokafka import TopicPartition
-from aiokafka.structs import RecordMetadata
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
+from confluent_kafka import KafkaError as ConfluentError
+from confluent_kafka import TopicPartition as ConfluentPartition
 
 from benchmarks import broker_profile, profile, raw_pipeline
 from benchmarks.profile import Profile
@@ -70,8 +72,7 @@ from schemas.events import (
 )
 from schemas.topics import AUDIT, topic_of
 from services.common.broker import REPO_ROOT, BrokerSettings, LocalBroker, PortInUseError
-from services.common.kafka import consumer as make_consumer
-from services.common.kafka import producer as make_producer
+from services.common.kafka import confluent_options
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
 
@@ -114,6 +115,13 @@ LAG_SAMPLE_S = 0.25
 FLAT_SLOPE_OF_RATE = 0.05
 FLAT_SLOPE_FLOOR = 1.0
 DRAIN_TIMEOUT_S = 10.0
+
+# The load generator's clients.
+WATCH_BATCH = 5000
+WATCH_IDLE_S = 0.02
+WATCHED_TYPE = re.compile("|".join(sorted(TERMINAL_TYPES | FAILURE_TYPES)).encode())
+OFFER_QUEUE_FULL_WAIT_S = 0.01
+OFFER_FLUSH_TIMEOUT_S = 60.0
 MIN_RATE = 2.0
 FLAT = (
     "a step is flat when, after its first {settle:g} s, the least-squares slope of the saga lag "
@@ -204,6 +212,22 @@ def epoch_s(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+class OpenOrders:
+    """The orders of a growing list not yet ended, counted again without looking twice at an ended one."""
+
+    def __init__(self, ended: Mapping[str, Ended], order_ids: Sequence[str]) -> None:
+        self._ended = ended
+        self._order_ids = order_ids
+        self._seen = 0
+        self._open: list[str] = []
+
+    def count(self) -> int:
+        self._open.extend(self._order_ids[self._seen :])
+        self._seen = len(self._order_ids)
+        self._open = [order_id for order_id in self._open if order_id not in self._ended]
+        return len(self._open)
+
+
 class Watcher:
     """Follows one topic from its beginning and records when each order ended there."""
 
@@ -220,12 +244,18 @@ class Watcher:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        consumer = make_consumer(self.settings, group_id=None, max_poll_records=5000)
-        await consumer.start()
+        # librdkafka fetches and parses on its own threads in C: the watcher shares a small machine with
+        # the stack it measures, so its own cost is kept as low as a client's can be.
+        consumer = Consumer(
+            {
+                **confluent_options(self.settings),
+                "group.id": f"bench-watcher-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
         # Every topic here has the settings' partition count: the registry's and the baseline's.
-        tps = [TopicPartition(self.topic, number) for number in range(self.settings.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        consumer.assign([ConfluentPartition(self.topic, n, OFFSET_BEGINNING) for n in range(self.settings.partitions)])
         self._task = asyncio.create_task(self._follow(consumer), name=f"watch-{self.topic}")
 
     async def stop(self) -> None:
@@ -239,25 +269,32 @@ class Watcher:
             self._task.result()
             raise RuntimeError(f"the watcher of {self.topic} stopped")
 
-    async def _follow(self, consumer: Any) -> None:
+    async def _follow(self, consumer: Consumer) -> None:
         try:
             while True:
-                batch = await consumer.getmany(timeout_ms=100)
-                for records in batch.values():
-                    for record in records:
-                        self.records += 1
-                        if self.raw:
-                            order_id = (record.key or b"").decode()
-                            if order_id not in self.ended:
-                                self._end(order_id, Ended("raw", record.timestamp / 1000))
-                        else:
-                            self._take(record.value)
+                # Without waiting: what librdkafka has already fetched, or a short sleep on the loop.
+                records = consumer.consume(WATCH_BATCH, 0)
+                if not records:
+                    await asyncio.sleep(WATCH_IDLE_S)
+                for record in records:
+                    if record.error() is not None:
+                        raise KafkaException(record.error())
+                    self.records += 1
+                    if self.raw:
+                        order_id = (record.key() or b"").decode()
+                        if order_id not in self.ended:
+                            self._end(order_id, Ended("raw", record.timestamp()[1] / 1000))
+                    else:
+                        self._take(record.value())
         finally:
-            await consumer.stop()
+            consumer.close()
 
     def _take(self, value: bytes | None) -> None:
         # Only terminal and failure events matter; a full envelope validation of every record would
-        # spend CPU the services compete for on a small machine.
+        # spend CPU the services compete for on a small machine, and a search of the bytes for the few
+        # type names that matter spares even the parse of the others.
+        if value is None or WATCHED_TYPE.search(value) is None:
+            return
         try:
             document = json.loads(value or b"")
         except ValueError:
@@ -277,12 +314,14 @@ class Watcher:
         if self.on_end is not None:
             self.on_end(order_id, ended)
 
-    def done(self, order_ids: Sequence[str]) -> int:
-        return sum(1 for order_id in order_ids if order_id in self.ended)
+    def open(self, order_ids: Sequence[str]) -> OpenOrders:
+        """The orders of `order_ids` (a list that may still grow) that have not ended yet."""
+        return OpenOrders(self.ended, order_ids)
 
     async def wait_for(self, order_ids: Sequence[str], within_s: float, check: Callable[[], None]) -> bool:
         deadline = time.monotonic() + within_s
-        while self.done(order_ids) < len(order_ids):
+        still_open = self.open(order_ids)
+        while still_open.count():
             self.check()
             check()
             if time.monotonic() >= deadline:
@@ -295,25 +334,42 @@ class Watcher:
 
 
 class Offer:
-    """Publishes orders at a steady rate through one long-lived producer."""
+    """Publishes orders at a steady rate through one long-lived producer.
+
+    The producer is librdkafka's: it batches and sends on its own thread in C, so the load generator takes
+    as little as it can of the cores the stack under test runs on. Keys go to murmur2's partition, as
+    Kafka's Java client and aiokafka put them.
+    """
 
     def __init__(self, settings: ChoreoSettings, topic: str, *, raw: bool) -> None:
         self.settings = settings
         self.topic = topic
         self.raw = raw
-        self.producer = make_producer(settings, linger_ms=1, max_batch_size=512 * 1024)
+        self._producer: Producer | None = None
+        self._failed: list[str] = []
 
     async def start(self) -> None:
-        await self.producer.start()
+        self._producer = Producer(
+            {
+                **confluent_options(self.settings),
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 1,
+                "batch.size": 512 * 1024,
+                "partitioner": "murmur2_random",
+            }
+        )
 
     async def stop(self) -> None:
-        await self.producer.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await self._flush(producer)
 
     async def publish(
         self, orders: Sequence[PlannedOrder], rate: float | None, placed_at: dict[str, float], sent: list[str]
     ) -> None:
         """Sends `orders` (`rate` per second, or all at once); fills `placed_at` and `sent` as it goes."""
-        pending: list[asyncio.Future[RecordMetadata]] = []
+        producer = self._client()
         # The baseline carries the very bytes an OrderPlaced would; building them ahead keeps the
         # publisher fast enough for the raw path's rates.
         prebuilt = (
@@ -332,13 +388,41 @@ class Offer:
                 else:
                     envelope = Envelope.new(order.event, order_id=order.order_id, source=Source.CLIENT)
                     value, placed = envelope.to_bytes(), envelope.occurred_at.timestamp()
+                if not await self._produce(producer, value, order.order_id.encode()):
+                    continue  # the queue was full: the same order, stamped again
                 placed_at[order.order_id] = placed
-                pending.append(await self.producer.send(self.topic, value, key=order.order_id.encode()))
                 sent.append(order.order_id)
                 number += 1
+            producer.poll(0)
             if number < len(orders) and rate is not None:
                 await asyncio.sleep(max(0.0, started + number / rate - time.monotonic()))
-        await asyncio.gather(*pending)
+        await self._flush(producer)
+
+    async def _produce(self, producer: Producer, value: bytes, key: bytes) -> bool:
+        try:
+            producer.produce(self.topic, value, key, on_delivery=self._delivered)
+        except BufferError:
+            await asyncio.sleep(OFFER_QUEUE_FULL_WAIT_S)
+            producer.poll(0)
+            return False
+        return True
+
+    def _delivered(self, error: ConfluentError | None, _message: object) -> None:
+        if error is not None:
+            self._failed.append(str(error))
+
+    async def _flush(self, producer: Producer) -> None:
+        """Waits until every order sent so far is acknowledged; fails if one was not."""
+        left = await asyncio.to_thread(producer.flush, OFFER_FLUSH_TIMEOUT_S)
+        if left:
+            raise RuntimeError(f"{left} orders not acknowledged within {OFFER_FLUSH_TIMEOUT_S:g} s")
+        if self._failed:
+            raise RuntimeError(f"{len(self._failed)} orders not delivered, the first: {self._failed[0]}")
+
+    def _client(self) -> Producer:
+        if self._producer is None:
+            raise RuntimeError("the offer is not started")
+        return self._producer
 
 
 # --- the service processes -----------------------------------------------------------------------
@@ -791,11 +875,12 @@ class Bench:
         cpu_before = cpu_snapshot(path.watched)
         started = time.time()
         publishing = asyncio.create_task(path.offer.publish(orders, rate, placed, sent))
+        still_open = path.watcher.open(sent)
         while not publishing.done():
             await asyncio.sleep(LAG_SAMPLE_S)
             path.check()
             path.watcher.check()
-            step.lag_samples.append((round(time.time() - started, 3), len(sent) - path.watcher.done(sent)))
+            step.lag_samples.append((round(time.time() - started, 3), still_open.count()))
         publishing.result()
         cpu_after = cpu_snapshot(path.watched)
         step.cpu_s = {name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before}
