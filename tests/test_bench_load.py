@@ -8,7 +8,7 @@ import random
 from confluent_kafka import OFFSET_BEGINNING, Consumer
 from confluent_kafka import TopicPartition as ConfluentPartition
 
-from benchmarks import raw_pipeline
+from benchmarks import load_cost, raw_pipeline
 from benchmarks.saga_bench import OUTCOMES, Ended, Offer, OpenOrders, Watcher, plan_orders
 from services.common.kafka import confluent_options, partition_for
 from services.common.settings import ChoreoSettings
@@ -99,3 +99,11 @@ def _partitions_of(settings: ChoreoSettings, topic: str, count: int) -> dict[str
         return found
     finally:
         consumer.close()
+
+
+async def test_the_generators_cost_is_measured_over_every_saga_it_offered(choreo_settings: ChoreoSettings) -> None:
+    cost = await load_cost.measure(choreo_settings, sagas=40, rate=400.0, broker_pid=None)
+
+    assert (cost.sagas, cost.ended) == (40, 40)
+    assert cost.generator_ms > 0
+    assert cost.broker_ms is None
