@@ -23,12 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 from benchmarks.saga_bench import LATENCY_LABEL, epoch_s, percentile
 from schemas.envelope import CE_TIME, CE_TYPE
 from schemas.topics import SAGA_TOPICS
-from services.common.kafka import confluent_options
+from services.common.kafka import confluent_consumer
 from services.common.settings import ChoreoSettings
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,7 @@ class Sent:
 
 def read_events(settings: ChoreoSettings) -> dict[str, list[Sent]]:
     """Every committed event on the saga topics, by order id."""
-    consumer = Consumer(
-        {
-            **confluent_options(settings),
-            "group.id": "choreo-hops",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
+    consumer = confluent_consumer(settings, "choreo-hops")
     by_order: dict[str, list[Sent]] = defaultdict(list)
     try:
         names = [settings.topic(topic) for topic in SAGA_TOPICS]

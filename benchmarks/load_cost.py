@@ -32,7 +32,7 @@ from confluent_kafka import Producer
 
 from benchmarks import raw_pipeline, saga_bench
 from schemas.envelope import Envelope, Source
-from services.common.kafka import partition_for
+from services.common.kafka import confluent_options, partition_for
 from services.common.settings import ChoreoSettings
 
 log = logging.getLogger("benchmarks.load_cost")
@@ -65,7 +65,8 @@ def audit_like(orders: Sequence[saga_bench.PlannedOrder]) -> list[tuple[bytes, b
 
 def feed(bootstrap: str, topic: str, path: Path, rate: float, partitions: int) -> None:
     """Writes the records of `path` (a key, a tab and a value a line) to `topic` at `rate` a second."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
+    # The same connection options as the generator's clients (TLS, SASL), from the environment's settings.
+    producer = Producer({**confluent_options(ChoreoSettings(bootstrap_servers=bootstrap)), "linger.ms": 2})
     started = time.monotonic()
     for number, line in enumerate(path.read_bytes().split(b"\n")):
         key, _, value = line.partition(b"\t")

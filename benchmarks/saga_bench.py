@@ -54,7 +54,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka.structs import RecordMetadata
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, KafkaException
+from confluent_kafka import Consumer as ConfluentConsumer
 from confluent_kafka import TopicPartition as ConfluentPartition
 
 from benchmarks import broker_profile, profile, raw_pipeline
@@ -72,7 +73,7 @@ from schemas.events import (
 )
 from schemas.topics import AUDIT, topic_of
 from services.common.broker import REPO_ROOT, BrokerSettings, LocalBroker, PortInUseError
-from services.common.kafka import confluent_options
+from services.common.kafka import confluent_consumer
 from services.common.kafka import producer as make_producer
 from services.common.settings import ChoreoSettings
 from services.common.topics import ensure_topics
@@ -246,15 +247,7 @@ class Watcher:
         # librdkafka fetches and parses on its own threads in C: the watcher shares a small machine with the
         # stack it measures. A partition is fetched again once its records are read, as aiokafka does, not
         # prefetched: librdkafka's default sends the broker a fetch for every few records.
-        consumer = Consumer(
-            {
-                **confluent_options(self.settings),
-                "group.id": f"bench-watcher-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "queued.min.messages": 1,
-            }
-        )
+        consumer = confluent_consumer(self.settings, f"bench-watcher-{uuid.uuid4().hex}", **{"queued.min.messages": 1})
         # Every topic here has the settings' partition count: the registry's and the baseline's.
         consumer.assign([ConfluentPartition(self.topic, n, OFFSET_BEGINNING) for n in range(self.settings.partitions)])
         self._task = asyncio.create_task(self._follow(consumer), name=f"watch-{self.topic}")
@@ -270,7 +263,7 @@ class Watcher:
             self._task.result()
             raise RuntimeError(f"the watcher of {self.topic} stopped")
 
-    async def _follow(self, consumer: Consumer) -> None:
+    async def _follow(self, consumer: ConfluentConsumer) -> None:
         try:
             while True:
                 # Without waiting: what librdkafka has already fetched. The loop is the offer's too, so it is
@@ -298,7 +291,7 @@ class Watcher:
         if value is None or WATCHED_TYPE.search(value) is None:
             return
         try:
-            document = json.loads(value or b"")
+            document = json.loads(value)
         except ValueError:
             return
         if not isinstance(document, dict):

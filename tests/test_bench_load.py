@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import random
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer
+from confluent_kafka import OFFSET_BEGINNING
 from confluent_kafka import TopicPartition as ConfluentPartition
 
 from benchmarks import load_cost, raw_pipeline
 from benchmarks.saga_bench import OUTCOMES, Ended, Offer, OpenOrders, Watcher, plan_orders
-from services.common.kafka import confluent_options, partition_for
+from services.common.kafka import confluent_consumer, partition_for
 from services.common.settings import ChoreoSettings
 
 ENDED = Ended("OrderCompleted", 1.0)
@@ -87,7 +87,7 @@ async def test_the_offer_places_each_order_once_on_its_keys_partition_and_the_wa
 
 
 def _partitions_of(settings: ChoreoSettings, topic: str, count: int) -> dict[str, int | None]:
-    consumer = Consumer({**confluent_options(settings), "group.id": "unused", "enable.auto.commit": False})
+    consumer = confluent_consumer(settings, "unused")
     try:
         consumer.assign([ConfluentPartition(topic, n, OFFSET_BEGINNING) for n in range(settings.partitions)])
         found: dict[str, int | None] = {}

@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 from aiokafka.partitioner import murmur2
+from confluent_kafka import Consumer as ConfluentConsumer
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 from confluent_kafka import KafkaError as ConfluentError
 from confluent_kafka import TopicPartition as ConfluentPartition
@@ -139,6 +140,19 @@ def consumer(settings: ChoreoSettings, *topics: str, **overrides: Any) -> AIOKaf
             "auto_offset_reset": "earliest",
             **overrides,
         },
+    )
+
+
+def confluent_consumer(settings: ChoreoSettings, group_id: str, **overrides: Any) -> ConfluentConsumer:
+    """librdkafka's consumer as `consumer` makes aiokafka's: read_committed, nothing committed on its own."""
+    return ConfluentConsumer(
+        {
+            **confluent_options(settings),
+            "group.id": group_id,
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            **overrides,
+        }
     )
 
 
