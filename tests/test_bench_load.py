@@ -9,7 +9,7 @@ from confluent_kafka import OFFSET_BEGINNING
 from confluent_kafka import TopicPartition as ConfluentPartition
 
 from benchmarks import load_cost, raw_pipeline
-from benchmarks.saga_bench import OUTCOMES, Ended, Offer, OpenOrders, Watcher, plan_orders
+from benchmarks.saga_bench import OFFER_TICK_S, OUTCOMES, Ended, Offer, OpenOrders, Watcher, plan_orders
 from services.common.kafka import confluent_consumer, partition_for
 from services.common.settings import ChoreoSettings
 
@@ -61,6 +61,9 @@ def test_the_watcher_skips_other_events_even_when_their_bytes_name_a_terminal_ty
     assert list(watcher.ended) == ["o-2"]
 
 
+OFFERED_RATE = 2000.0
+
+
 async def test_the_offer_places_each_order_once_on_its_keys_partition_and_the_watcher_sees_each(
     choreo_settings: ChoreoSettings,
 ) -> None:
@@ -73,9 +76,11 @@ async def test_the_offer_places_each_order_once_on_its_keys_partition_and_the_wa
     try:
         placed: dict[str, float] = {}
         sent: list[str] = []
-        await offer.publish(orders, 2000.0, placed, sent)
+        await offer.publish(orders, OFFERED_RATE, placed, sent)
         assert sent == [order.order_id for order in orders]
         assert set(placed) == set(sent)
+        # Paced, in ticks: not all at once.
+        assert max(placed.values()) - min(placed.values()) >= (len(orders) - 1) / OFFERED_RATE - OFFER_TICK_S
         assert await watcher.wait_for(sent, 30, lambda: None)
     finally:
         await offer.stop()

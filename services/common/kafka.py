@@ -1,4 +1,4 @@
-"""Factories for aiokafka clients configured from settings; nothing connects until started."""
+"""Factories for aiokafka and librdkafka clients configured from settings; nothing connects at import."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer as ConfluentConsumer
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 from confluent_kafka import KafkaError as ConfluentError
+from confluent_kafka import Producer as ConfluentProducer
 from confluent_kafka import TopicPartition as ConfluentPartition
 from confluent_kafka.admin import AdminClient as ConfluentAdmin
 
@@ -140,6 +141,21 @@ def consumer(settings: ChoreoSettings, *topics: str, **overrides: Any) -> AIOKaf
             "auto_offset_reset": "earliest",
             **overrides,
         },
+    )
+
+
+def confluent_producer(settings: ChoreoSettings, **overrides: Any) -> ConfluentProducer:
+    """librdkafka's producer as `producer` makes aiokafka's: acks=all, idempotent, Java's partitioner."""
+    return ConfluentProducer(
+        {
+            **confluent_options(settings),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            # Java's and aiokafka's partitioner: a keyed record lands where theirs would.
+            "partitioner": "murmur2_random",
+            **overrides,
+        }
     )
 
 

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException
 from confluent_kafka import KafkaError as ConfluentError
 from confluent_kafka import TopicPartition as ConfluentPartition
 
-from services.common.kafka import confluent_options
+from services.common.kafka import confluent_options, confluent_producer
 from services.common.settings import ChoreoSettings
 from services.common.transactions.records import (
     BATCH_BYTES,
@@ -34,18 +34,14 @@ class ConfluentTransactions:
     def __init__(self, settings: ChoreoSettings, transactional_id: str) -> None:
         self.transactional_id = transactional_id
         self._settings = settings
-        self._producer = Producer(
-            {
-                **confluent_options(settings),
+        self._producer = confluent_producer(
+            settings,
+            **{
                 "transactional.id": transactional_id,
-                "enable.idempotence": True,
-                "acks": "all",
                 "linger.ms": LINGER_MS,
                 "retry.backoff.ms": RETRY_BACKOFF_MS,
                 "batch.size": BATCH_BYTES,
-                # Java's and aiokafka's partitioner: a keyed record lands where theirs would.
-                "partitioner": "murmur2_random",
-            }
+            },
         )
         self._metadata_sources: dict[str, Consumer] = {}
 
